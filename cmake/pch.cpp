@@ -1,0 +1,1 @@
+// Host of the shared precompiled header; compiles to nothing.

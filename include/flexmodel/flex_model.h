@@ -1,0 +1,216 @@
+// FlexModel: wraps a model, registers hooks by qualified module name,
+// organises them in groups and runs forwards with chosen groups active.
+//
+//   flexmodel::FlexModel fm(model);                  // model: a holder or shared_ptr
+//   fm.register_forward_hook(flexmodel::HookFunction("layers.0.mlp"));
+//   auto logits = fm.forward(tokens);                // hooks of group "all"
+//   torch::Tensor mlp0 = fm.outputs().at("layers.0.mlp")[0];
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include "flexmodel/error.h"
+#include "flexmodel/hook_function.h"
+#include "flexmodel/hooked.h"
+#include "flexmodel/output_map.h"
+#include "flexmodel/pattern.h"
+
+namespace flexmodel {
+
+inline constexpr const char* kAllGroup = "all";
+
+// Which hook groups a forward runs: the union of `names`, or every hook
+// outside it when complemented.
+struct Groups {
+  Groups() = default;
+  Groups(std::initializer_list<std::string> group_names) : names(group_names) {}
+  explicit Groups(std::vector<std::string> group_names) : names(std::move(group_names)) {}
+
+  Groups& complement(bool value = true) {
+    complemented = value;
+    return *this;
+  }
+
+  std::vector<std::string> names{kAllGroup};
+  bool complemented = false;
+};
+
+struct FlexModelOptions {
+  // Parallel sizes; all 1 in a single process.
+  std::int64_t tensor_parallel_size = 1;
+  std::int64_t pipeline_parallel_size = 1;
+  std::int64_t data_parallel_size = 1;
+
+  FlexModelOptions& tp(std::int64_t size) {
+    tensor_parallel_size = size;
+    return *this;
+  }
+  FlexModelOptions& pp(std::int64_t size) {
+    pipeline_parallel_size = size;
+    return *this;
+  }
+  FlexModelOptions& dp(std::int64_t size) {
+    data_parallel_size = size;
+    return *this;
+  }
+};
+
+namespace detail {
+struct ModelState;
+
+template <class... Args>
+inline constexpr bool first_is_groups = false;
+template <class First, class... Rest>
+inline constexpr bool first_is_groups<First, Rest...> = std::is_same_v<std::decay_t<First>, Groups>;
+}  // namespace detail
+
+// Everything of a FlexModel that does not depend on the model's C++ type.
+class FlexModelBase {
+ public:
+  FlexModelBase(const FlexModelBase&) = delete;
+  FlexModelBase& operator=(const FlexModelBase&) = delete;
+  virtual ~FlexModelBase();
+
+  // Registration: `hook.module_name()` is a name from named_modules() (or, for
+  // register_hook, from named_parameters()). Each returns the new hook's handle;
+  // the hook joins group "all".
+  HookHandle register_forward_hook(HookFunction hook);
+  HookHandle register_forward_pre_hook(HookFunction hook);
+  HookHandle register_full_backward_hook(HookFunction hook);
+  HookHandle register_full_backward_pre_hook(HookFunction hook);
+  HookHandle register_hook(HookFunction hook);  // a parameter's gradient
+  HookHandle register_hook_function(HookFunction hook, HookType type);
+  void remove_hook(const HookHandle& handle);
+
+  // Groups. create_hook_group makes one hook of `type` on every module matching
+  // `pattern` (an error if none matches) and puts them in `group`.
+  std::vector<HookHandle> create_hook_group(const std::string& group, const Pattern& pattern,
+                                            ExpectedShape expected_shape = {},
+                                            EditingFunction editing_function = {},
+                                            std::size_t unpack_idx = 0,
+                                            HookType type = HookType::forward);
+  void update_hook_groups(const std::vector<HookHandle>& hooks, const std::string& group);
+  void update_hook_groups(const HookHandle& hook, const std::string& group);
+  void update_hook_groups(const Pattern& pattern, const std::string& group);
+  // Takes hooks out of groups; hooks the pattern matches that are not members
+  // are left alone. Group "all" cannot be removed.
+  void remove_hook_groups(const std::vector<HookHandle>& hooks, const std::set<std::string>& groups);
+  void remove_hook_groups(const HookHandle& hook, const std::set<std::string>& groups);
+  void remove_hook_groups(const Pattern& pattern, const std::set<std::string>& groups);
+  std::map<HookHandle, std::set<std::string>> get_hook_function_groups() const;
+  std::vector<HookHandle> get_group_hook_functions(const std::string& group) const;
+  std::set<std::string> hook_groups() const;
+  std::vector<HookHandle> hooks() const;
+
+  // Named values shared by all hooks, kept across forwards.
+  SaveContext& save_ctx();
+
+  // Modules that editing functions may run and train (probes, steering vectors).
+  void register_trainable_module(const std::string& name, std::shared_ptr<torch::nn::Module> module);
+  template <class Impl>
+  void register_trainable_module(const std::string& name, const torch::nn::ModuleHolder<Impl>& module) {
+    register_trainable_module(name, std::static_pointer_cast<torch::nn::Module>(module.ptr()));
+  }
+  const TrainableModules& trainable_modules() const;
+  // Sets requires_grad on every parameter of the wrapped model.
+  void wrapped_module_requires_grad(bool requires_grad);
+
+  // A detached CPU copy of a parameter; expected_shape is checked where given.
+  torch::Tensor get_module_parameter(const std::string& name, const ExpectedShape& expected_shape = {}) const;
+
+  // Captured activations: (module name, hook type) → one tensor per forward.
+  OutputMap& outputs();
+  const OutputMap& outputs() const;
+
+  // Removes every hook and group; the model then runs exactly as unwrapped.
+  void restore();
+
+  const FlexModelOptions& options() const { return options_; }
+  torch::nn::Module& root_module() const { return *root_; }
+  std::int64_t forwards_run() const;
+
+ protected:
+  FlexModelBase(std::shared_ptr<torch::nn::Module> root, FlexModelOptions options);
+
+  // Active for the duration of one forward; commits captures only on success.
+  class ForwardScope {
+   public:
+    ForwardScope(FlexModelBase& model, const Groups& groups);
+    ForwardScope(const ForwardScope&) = delete;
+    ForwardScope& operator=(const ForwardScope&) = delete;
+    ~ForwardScope();
+    void commit();
+    // The root module's site when it has active hooks, else nullptr.
+    detail::Site* root_site() const { return root_site_; }
+
+   private:
+    detail::ModelState& state_;
+    detail::ModelState* previous_ = nullptr;
+    detail::Site* root_site_ = nullptr;
+    bool counted_ = false;
+    bool committed_ = false;
+  };
+
+ private:
+  std::shared_ptr<torch::nn::Module> root_;
+  FlexModelOptions options_;
+  std::unique_ptr<detail::ModelState> state_;
+};
+
+// A FlexModel over a native torch::nn::Module of type ModuleImpl.
+template <class ModuleImpl>
+class FlexModel : public FlexModelBase {
+ public:
+  explicit FlexModel(std::shared_ptr<ModuleImpl> model, FlexModelOptions options = {})
+      : FlexModelBase(model, options), model_(std::move(model)) {}
+  explicit FlexModel(const torch::nn::ModuleHolder<ModuleImpl>& model, FlexModelOptions options = {})
+      : FlexModel(model.ptr(), options) {}
+
+  // Runs the model with the hooks of group "all".
+  template <class... Args>
+    requires(!detail::first_is_groups<Args...>)
+  auto forward(Args&&... inputs) {
+    return forward(Groups{}, std::forward<Args>(inputs)...);
+  }
+
+  // Runs the model with the hooks of the chosen groups.
+  template <class... Args>
+  auto forward(const Groups& groups, Args&&... inputs) {
+    ForwardScope scope(*this, groups);
+    auto forward = detail::forward_of(*model_);
+    auto output = scope.root_site() != nullptr
+                      ? detail::invoke_with_hooks(*scope.root_site(), forward, std::forward<Args>(inputs)...)
+                      : forward(std::forward<Args>(inputs)...);
+    scope.commit();
+    return output;
+  }
+
+  const std::shared_ptr<ModuleImpl>& module() const { return model_; }
+
+ private:
+  std::shared_ptr<ModuleImpl> model_;
+};
+
+template <class ModuleImpl>
+FlexModel(std::shared_ptr<ModuleImpl>) -> FlexModel<ModuleImpl>;
+template <class ModuleImpl>
+FlexModel(std::shared_ptr<ModuleImpl>, FlexModelOptions) -> FlexModel<ModuleImpl>;
+template <class ModuleImpl>
+FlexModel(const torch::nn::ModuleHolder<ModuleImpl>&) -> FlexModel<ModuleImpl>;
+template <class ModuleImpl>
+FlexModel(const torch::nn::ModuleHolder<ModuleImpl>&, FlexModelOptions) -> FlexModel<ModuleImpl>;
+
+}  // namespace flexmodel

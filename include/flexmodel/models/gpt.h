@@ -1,0 +1,89 @@
+// A small GPT-style decoder built from hookable layers: the bundled default
+// model of the examples, tests and benchmarks. Module names follow the
+// common decoder layout: embed_tokens, embed_positions, layers.N.{ln_1, attn
+// {qkv, proj}, ln_2, mlp{fc_in, act, fc_out}}, norm, lm_head. The attention
+// returns a tuple (output, attention probabilities).
+#pragma once
+
+#include <cstdint>
+#include <tuple>
+
+#include <torch/arg.h>
+#include <torch/nn/module.h>
+
+#include "flexmodel/hooked.h"
+#include "flexmodel/nn.h"
+
+namespace flexmodel::models {
+
+struct GPTOptions {
+  TORCH_ARG(std::int64_t, vocab_size) = 256;
+  TORCH_ARG(std::int64_t, max_positions) = 128;
+  TORCH_ARG(std::int64_t, d_model) = 64;
+  TORCH_ARG(std::int64_t, n_heads) = 4;
+  TORCH_ARG(std::int64_t, n_layers) = 2;
+  TORCH_ARG(std::int64_t, d_mlp) = 256;
+
+  // GPT-2 small's shape: 12 layers, d 768, 12 heads, MLP 3072, vocabulary 50257.
+  static GPTOptions gpt2_small() {
+    return GPTOptions().vocab_size(50257).max_positions(1024).d_model(768).n_heads(12).n_layers(12).d_mlp(3072);
+  }
+};
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const GPTOptions& options);
+  // Returns (output [B,T,d], attention probabilities [B,heads,T,T]).
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x);
+
+  flexmodel::nn::Linear qkv{nullptr};
+  flexmodel::nn::Linear proj{nullptr};
+
+ private:
+  std::int64_t n_heads_;
+};
+FLEX_MODULE(Attention);
+
+class MLPImpl : public torch::nn::Module {
+ public:
+  explicit MLPImpl(const GPTOptions& options);
+  torch::Tensor forward(const torch::Tensor& x);
+
+  flexmodel::nn::Linear fc_in{nullptr};
+  flexmodel::nn::GELU act{nullptr};
+  flexmodel::nn::Linear fc_out{nullptr};
+};
+FLEX_MODULE(MLP);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  explicit BlockImpl(const GPTOptions& options);
+  torch::Tensor forward(const torch::Tensor& x);
+
+  flexmodel::nn::LayerNorm ln_1{nullptr};
+  Attention attn{nullptr};
+  flexmodel::nn::LayerNorm ln_2{nullptr};
+  MLP mlp{nullptr};
+};
+FLEX_MODULE(Block);
+
+class GPTImpl : public torch::nn::Module {
+ public:
+  explicit GPTImpl(const GPTOptions& options = {});
+  // tokens: int64 [B,T] → logits [B,T,vocab].
+  torch::Tensor forward(const torch::Tensor& tokens);
+
+  const GPTOptions& options() const { return options_; }
+
+  flexmodel::nn::Embedding embed_tokens{nullptr};
+  flexmodel::nn::Embedding embed_positions{nullptr};
+  flexmodel::nn::ModuleList layers{nullptr};
+  flexmodel::nn::LayerNorm norm{nullptr};
+  flexmodel::nn::Linear lm_head{nullptr};
+
+ private:
+  GPTOptions options_;
+};
+FLEX_MODULE(GPT);
+
+}  // namespace flexmodel::models

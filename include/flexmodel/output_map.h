@@ -1,0 +1,63 @@
+// The in-memory sink: one detached CPU snapshot per forward for every
+// (module name, hook type) that captured. Snapshots are copies, so a later
+// in-place edit of the activation never changes them.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <c10/util/SmallVector.h>
+#include <torch/types.h>
+
+#include "flexmodel/hook_function.h"
+
+namespace flexmodel {
+
+namespace detail {
+struct SnapshotBlock;
+
+// Bytes copied into a shared block during a forward; turned into a tensor on first read.
+struct PendingSnapshot {
+  std::shared_ptr<SnapshotBlock> block;
+  std::size_t offset = 0;
+  c10::SmallVector<std::int64_t, 5> sizes;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+};
+}  // namespace detail
+
+class OutputMap {
+ public:
+  using Key = std::pair<std::string, HookType>;
+
+  // Snapshots of (module_name, type), in forward order. Throws naming the key
+  // and the keys present when nothing was captured there.
+  const std::vector<torch::Tensor>& at(const std::string& module_name,
+                                       HookType type = HookType::forward) const;
+  bool contains(const std::string& module_name, HookType type = HookType::forward) const;
+  std::vector<Key> keys() const;
+  std::size_t size() const;
+  bool empty() const { return size() == 0; }
+  void clear();
+
+  // Used by the library while hooks run.
+  struct Series {
+    std::vector<torch::Tensor> tensors;  // undefined where a snapshot is still pending
+    std::vector<std::pair<std::size_t, detail::PendingSnapshot>> pending;
+  };
+  Series& series(const std::string& module_name, HookType type);
+  void append(Series& series, torch::Tensor snapshot);
+  void append(Series& series, detail::PendingSnapshot snapshot);
+
+ private:
+  const Series& find(const std::string& module_name, HookType type) const;
+
+  mutable std::mutex mutex_;
+  mutable std::map<Key, Series> series_;
+};
+
+}  // namespace flexmodel

@@ -1,0 +1,35 @@
+// Selects module names. The default is a glob over dotted names: `*` matches
+// within one component, `**` matches any number of components. flex_model's
+// substring match is available as Pattern::substring.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+namespace flexmodel {
+
+class Pattern {
+ public:
+  enum class Kind { glob, substring, exact };
+
+  Pattern(std::string text) : text_(std::move(text)) {}  // NOLINT: a string is a glob
+  Pattern(const char* text) : text_(text) {}             // NOLINT
+
+  static Pattern glob(std::string text) { return Pattern(std::move(text), Kind::glob); }
+  static Pattern substring(std::string text) { return Pattern(std::move(text), Kind::substring); }
+  static Pattern exact(std::string text) { return Pattern(std::move(text), Kind::exact); }
+
+  bool matches(std::string_view name) const;
+  const std::string& text() const { return text_; }
+  Kind kind() const { return kind_; }
+  // "glob 'layers.*.mlp'" for messages.
+  std::string describe() const;
+
+ private:
+  Pattern(std::string text, Kind kind) : text_(std::move(text)), kind_(kind) {}
+
+  std::string text_;
+  Kind kind_ = Kind::glob;
+};
+
+}  // namespace flexmodel

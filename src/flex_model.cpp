@@ -1,0 +1,658 @@
+// FlexModelBase and the hook pipeline:
+//   unpack → check shape → capture (snapshot) → edit → check → repack.
+#include "flexmodel/flex_model.h"
+
+#include <algorithm>
+#include <array>
+#include <numeric>
+
+#include <torch/autograd.h>
+
+#include "flexmodel/logging.h"
+#include "detail/snapshot.h"
+
+namespace flexmodel {
+namespace detail {
+
+std::atomic<int> hooked_forwards_in_flight{0};
+
+constexpr std::size_t kModuleHookTypes = 4;  // every HookType but tensor
+
+struct HookRecord {
+  explicit HookRecord(HookFunction hook) : function(std::move(hook)) {}
+
+  std::uint64_t id = 0;
+  HookType type = HookType::forward;
+  HookFunction function;
+  std::set<std::string> groups;
+  // Null once the hook is removed; autograd may still hold the record then.
+  ModelState* state = nullptr;
+  Site* site = nullptr;
+  OutputMap::Series* series = nullptr;
+  torch::Tensor parameter;
+  unsigned parameter_hook_index = 0;
+  bool active = true;
+  bool fired = false;
+  bool warned_unfired = false;
+
+  HookHandle handle() const { return HookHandle{id, function.module_name(), type}; }
+};
+
+struct Site {
+  std::string module_name;
+  torch::nn::Module* module = nullptr;
+  std::array<std::vector<std::shared_ptr<HookRecord>>, kModuleHookTypes> hooks;
+  bool wants_inputs = false;
+  bool wants_outputs = false;
+
+  std::vector<std::shared_ptr<HookRecord>>& of(HookType type) { return hooks[static_cast<std::size_t>(type)]; }
+  bool empty() const {
+    return std::all_of(hooks.begin(), hooks.end(), [](const auto& list) { return list.empty(); });
+  }
+};
+
+struct PendingCapture {
+  OutputMap::Series* series;
+  PendingSnapshot snapshot;
+  torch::Tensor copied;  // set instead of `snapshot` for tensors the arena does not take
+};
+
+struct ModelState {
+  std::map<std::uint64_t, std::shared_ptr<HookRecord>> hooks;
+  std::unordered_map<const torch::nn::Module*, Site> sites;
+  std::set<std::string> groups{kAllGroup};
+  std::uint64_t next_id = 1;
+
+  SaveContext save_ctx;
+  TrainableModules trainable_modules;
+  OutputMap outputs;
+  std::int64_t step = 0;
+
+  // The selection applied last, so that a repeated one costs nothing.
+  std::vector<std::string> selected_names;
+  bool selected_complement = false;
+  bool selection_valid = false;
+  bool any_active_site = false;
+  bool check_unfired = false;
+
+  bool in_forward = false;
+  SnapshotArena arena;
+  std::vector<PendingCapture> pending;
+};
+
+namespace {
+
+thread_local ModelState* g_current_forward = nullptr;
+
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  std::iota(row.begin(), row.end(), 0);
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      std::size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+std::string close_names(const std::string& wanted, const std::vector<std::string>& names) {
+  std::vector<std::pair<std::size_t, std::string>> ranked;
+  for (const auto& name : names) ranked.emplace_back(edit_distance(wanted, name), name);
+  std::sort(ranked.begin(), ranked.end());
+  std::string out;
+  for (std::size_t i = 0; i < ranked.size() && i < 3; ++i) {
+    out += concat(i == 0 ? "" : ", ", "'", ranked[i].second, "'");
+  }
+  return out.empty() ? "(the model has none)" : out;
+}
+
+std::string list_text(const std::set<std::string>& names) {
+  std::string out;
+  for (const auto& name : names) out += concat(out.empty() ? "" : ", ", "'", name, "'");
+  return out;
+}
+
+std::string expected_text(const ExpectedShape& shape) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    out += concat(i == 0 ? "" : ", ", shape[i] ? std::to_string(*shape[i]) : std::string("*"));
+  }
+  return out + "]";
+}
+
+std::string hook_label(const HookRecord& record) {
+  return concat("hook on '", record.function.module_name(), "' (", to_string(record.type), ")");
+}
+
+void check_expected_shape(const HookRecord& record, const torch::Tensor& tensor) {
+  const ExpectedShape& expected = record.function.expected_shape();
+  if (expected.empty()) return;
+  bool ok = static_cast<std::int64_t>(expected.size()) == tensor.dim();
+  for (std::size_t d = 0; ok && d < expected.size(); ++d) {
+    ok = !expected[d] || *expected[d] == tensor.size(static_cast<std::int64_t>(d));
+  }
+  FLEXMODEL_CHECK(ok, ShapeError, hook_label(record), " expected shape ", expected_text(expected), ", got ",
+                  tensor.sizes(), "; fix expected_shape (std::nullopt leaves a dimension free)");
+}
+
+void check_edit(const HookRecord& record, const torch::Tensor& before, const torch::Tensor& after) {
+  FLEXMODEL_CHECK(after.defined(), ShapeError, "editing function of ", hook_label(record),
+                  " returned an undefined tensor; return the input to leave it unchanged");
+  FLEXMODEL_CHECK(after.sizes() == before.sizes(), ShapeError, "editing function of ", hook_label(record),
+                  " changed the shape from ", before.sizes(), " to ", after.sizes(), "; an edit must keep the shape");
+  FLEXMODEL_CHECK(after.scalar_type() == before.scalar_type(), ShapeError, "editing function of ",
+                  hook_label(record), " changed the dtype from ", before.scalar_type(), " to ",
+                  after.scalar_type(), "; cast the result back with .to(x.scalar_type())");
+  FLEXMODEL_CHECK(after.device() == before.device(), ShapeError, "editing function of ", hook_label(record),
+                  " moved the tensor from ", before.device(), " to ", after.device(),
+                  "; return it on the input's device");
+}
+
+// Hooks fire only in the forward that runs them, never inside editing functions.
+class NoHooksWhileEditing {
+ public:
+  NoHooksWhileEditing() : saved_(g_current_forward) { g_current_forward = nullptr; }
+  NoHooksWhileEditing(const NoHooksWhileEditing&) = delete;
+  NoHooksWhileEditing& operator=(const NoHooksWhileEditing&) = delete;
+  ~NoHooksWhileEditing() { g_current_forward = saved_; }
+
+ private:
+  ModelState* saved_;
+};
+
+void capture(ModelState& state, HookRecord& record, const torch::Tensor& tensor, bool in_forward) {
+  if (record.series == nullptr) record.series = &state.outputs.series(record.function.module_name(), record.type);
+  if (in_forward) {
+    if (can_copy_into_arena(tensor)) {
+      state.pending.push_back(PendingCapture{record.series, state.arena.copy(tensor), {}});
+    } else {
+      state.pending.push_back(PendingCapture{record.series, {}, snapshot_copy(tensor)});
+    }
+  } else {
+    state.outputs.append(*record.series, snapshot_copy(tensor));
+  }
+}
+
+// The pipeline for one hook on one tensor.
+void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
+                bool in_forward) {
+  record.fired = true;
+  check_expected_shape(record, tensor);
+  if (record.function.capture()) capture(state, record, tensor, in_forward);
+  const EditingFunction& edit = record.function.editing_function();
+  if (!edit) return;
+  torch::nn::Module* module = record.site != nullptr ? record.site->module : nullptr;
+  HookContext context{record.function.module_name(), record.type, step, module, state.save_ctx,
+                      state.trainable_modules};
+  torch::Tensor edited;
+  {
+    NoHooksWhileEditing no_nested_hooks;
+    try {
+      edited = edit(tensor, context);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& cause) {
+      FLEXMODEL_FAIL(HookError, "editing function of ", hook_label(record), " threw: ", cause.what());
+    }
+  }
+  check_edit(record, tensor, edited);
+  tensor = std::move(edited);
+}
+
+torch::Tensor& leaf_at(const HookRecord& record, TensorLeaves& leaves) {
+  const std::size_t index = record.function.unpack_idx();
+  FLEXMODEL_CHECK(index < leaves.size() && leaves[index]->defined(), ShapeError, hook_label(record),
+                  " has unpack_idx ", index, " but the module's ",
+                  record.type == HookType::forward_pre || record.type == HookType::full_backward ? "input" : "output",
+                  " has ", leaves.size(), " tensor(s)", index < leaves.size() ? " and that one is undefined" : "",
+                  "; choose an index below ", leaves.size());
+  return *leaves[index];
+}
+
+// Gradient hooks: a fresh alias of the tensor gets an autograd hook, so the hook
+// sees only the gradient that flows through this module's input or output.
+void attach_gradient_hook(const std::shared_ptr<HookRecord>& record, torch::Tensor& tensor, std::int64_t step) {
+  if (!torch::GradMode::is_enabled() || !tensor.requires_grad()) return;
+  record->fired = true;
+  tensor = tensor.view_as(tensor);
+  std::weak_ptr<HookRecord> weak = record;
+  tensor.register_hook([weak, step](const torch::Tensor& grad) -> torch::Tensor {
+    auto alive = weak.lock();
+    if (!alive || alive->state == nullptr || !grad.defined()) return grad;
+    torch::Tensor edited = grad;
+    apply_hook(*alive->state, *alive, edited, step, /*in_forward=*/false);
+    return edited;
+  });
+}
+
+void run_hooks(ModelState& state, Site& site, HookType value_type, HookType gradient_type, TensorLeaves& leaves) {
+  for (const auto& record : site.of(value_type)) {
+    if (record->active) apply_hook(state, *record, leaf_at(*record, leaves), state.step, /*in_forward=*/true);
+  }
+  for (const auto& record : site.of(gradient_type)) {
+    if (record->active) attach_gradient_hook(record, leaf_at(*record, leaves), state.step);
+  }
+}
+
+}  // namespace
+
+Site* find_active_site(const torch::nn::Module* module) noexcept {
+  ModelState* state = g_current_forward;
+  if (state == nullptr) return nullptr;
+  auto found = state->sites.find(module);
+  if (found == state->sites.end() || !(found->second.wants_inputs || found->second.wants_outputs)) return nullptr;
+  return &found->second;
+}
+
+bool site_wants_inputs(const Site& site) noexcept { return site.wants_inputs; }
+bool site_wants_outputs(const Site& site) noexcept { return site.wants_outputs; }
+
+void run_input_hooks(Site& site, TensorLeaves& leaves) {
+  run_hooks(*g_current_forward, site, HookType::forward_pre, HookType::full_backward, leaves);
+}
+
+void run_output_hooks(Site& site, TensorLeaves& leaves) {
+  run_hooks(*g_current_forward, site, HookType::forward, HookType::full_backward_pre, leaves);
+}
+
+}  // namespace detail
+
+using detail::HookRecord;
+using detail::ModelState;
+using detail::Site;
+
+// ---- construction and registration --------------------------------------
+
+FlexModelBase::FlexModelBase(std::shared_ptr<torch::nn::Module> root, FlexModelOptions options)
+    : root_(std::move(root)), options_(options), state_(std::make_unique<ModelState>()) {
+  FLEXMODEL_CHECK(root_ != nullptr, ConfigError, "FlexModel needs a model; got an empty module holder");
+  FLEXMODEL_CHECK(options_.tensor_parallel_size == 1 && options_.pipeline_parallel_size == 1 &&
+                      options_.data_parallel_size == 1,
+                  ConfigError, "parallel sizes (tp ", options_.tensor_parallel_size, ", pp ",
+                  options_.pipeline_parallel_size, ", dp ", options_.data_parallel_size,
+                  ") need a distributed world; this build runs one process, so use sizes (1, 1, 1)");
+}
+
+FlexModelBase::~FlexModelBase() {
+  try {
+    restore();
+  } catch (const std::exception& error) {
+    logger()->error("restoring the model while destroying its FlexModel failed: {}", error.what());
+  }
+}
+
+SaveContext& FlexModelBase::save_ctx() { return state_->save_ctx; }
+const TrainableModules& FlexModelBase::trainable_modules() const { return state_->trainable_modules; }
+OutputMap& FlexModelBase::outputs() { return state_->outputs; }
+const OutputMap& FlexModelBase::outputs() const { return state_->outputs; }
+std::int64_t FlexModelBase::forwards_run() const { return state_->step; }
+
+HookHandle FlexModelBase::register_forward_hook(HookFunction hook) {
+  return register_hook_function(std::move(hook), HookType::forward);
+}
+HookHandle FlexModelBase::register_forward_pre_hook(HookFunction hook) {
+  return register_hook_function(std::move(hook), HookType::forward_pre);
+}
+HookHandle FlexModelBase::register_full_backward_hook(HookFunction hook) {
+  return register_hook_function(std::move(hook), HookType::full_backward);
+}
+HookHandle FlexModelBase::register_full_backward_pre_hook(HookFunction hook) {
+  return register_hook_function(std::move(hook), HookType::full_backward_pre);
+}
+HookHandle FlexModelBase::register_hook(HookFunction hook) {
+  return register_hook_function(std::move(hook), HookType::tensor);
+}
+
+namespace {
+
+std::vector<std::string> names_of(const torch::OrderedDict<std::string, std::shared_ptr<torch::nn::Module>>& dict) {
+  std::vector<std::string> names;
+  for (const auto& item : dict) names.push_back(item.key());
+  return names;
+}
+
+std::vector<std::string> names_of(const torch::OrderedDict<std::string, torch::Tensor>& dict) {
+  std::vector<std::string> names;
+  for (const auto& item : dict) names.push_back(item.key());
+  return names;
+}
+
+}  // namespace
+
+HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType type) {
+  ModelState& state = *state_;
+  const std::string name = hook.module_name();
+  FLEXMODEL_CHECK(!state.in_forward, ConfigError, "cannot register a hook on '", name,
+                  "' while a forward runs; register before calling forward");
+  auto record = std::make_shared<HookRecord>(std::move(hook));
+  record->id = state.next_id;
+  record->type = type;
+  record->groups = {kAllGroup};
+  record->state = &state;
+
+  if (type == HookType::tensor) {
+    auto parameters = root_->named_parameters(/*recurse=*/true);
+    const torch::Tensor* parameter = parameters.find(name);
+    FLEXMODEL_CHECK(parameter != nullptr, ConfigError, "register_hook: the model has no parameter '", name,
+                    "'; close names: ", detail::close_names(name, names_of(parameters)));
+    FLEXMODEL_CHECK(parameter->requires_grad(), ConfigError, "register_hook: parameter '", name,
+                    "' does not require grad, so its gradient hook would never fire; call "
+                    "wrapped_module_requires_grad(true) or set requires_grad on it");
+    record->parameter = *parameter;
+    std::weak_ptr<HookRecord> weak = record;
+    record->parameter_hook_index = record->parameter.register_hook([weak](const torch::Tensor& grad) -> torch::Tensor {
+      auto alive = weak.lock();
+      if (!alive || alive->state == nullptr || !alive->active || !grad.defined()) return grad;
+      torch::Tensor edited = grad;
+      detail::apply_hook(*alive->state, *alive, edited, alive->state->step - 1, /*in_forward=*/false);
+      return edited;
+    });
+  } else {
+    auto modules = root_->named_modules("", /*include_self=*/true);
+    const std::shared_ptr<torch::nn::Module>* module = modules.find(name);
+    FLEXMODEL_CHECK(module != nullptr, ConfigError, "no module named '", name, "' in the model; close names: ",
+                    detail::close_names(name, names_of(modules)));
+    FLEXMODEL_CHECK(module->get() == root_.get() || detail::is_hookable(module->get()), ConfigError,
+                    "module '", name, "' (", (*module)->name(),
+                    ") is not called through a hookable holder, so a hook on it could never fire; declare it as "
+                    "flexmodel::Hooked<torch::nn::X> (or flexmodel::nn::X), use FLEX_MODULE(Name) instead of "
+                    "TORCH_MODULE(Name), or hold it in flexmodel::nn::Sequential / flexmodel::nn::ModuleList");
+    Site& site = state.sites[module->get()];
+    site.module_name = name;
+    site.module = module->get();
+    site.of(type).push_back(record);
+    record->site = &site;
+  }
+  state.hooks.emplace(record->id, record);
+  ++state.next_id;
+  state.selection_valid = false;
+  logger()->debug("registered {} hook on '{}'", to_string(type), name);
+  return record->handle();
+}
+
+namespace {
+
+void detach_record(ModelState& state, HookRecord& record) {
+  if (record.type == HookType::tensor) {
+    record.parameter.remove_hook(record.parameter_hook_index);
+  } else if (record.site != nullptr) {
+    auto& list = record.site->of(record.type);
+    std::erase_if(list, [&](const auto& other) { return other.get() == &record; });
+    if (record.site->empty()) state.sites.erase(record.site->module);
+    record.site = nullptr;
+  }
+  record.state = nullptr;
+}
+
+HookRecord& find_record(ModelState& state, const HookHandle& handle) {
+  auto found = state.hooks.find(handle.id);
+  FLEXMODEL_CHECK(found != state.hooks.end(), ConfigError, "no hook ", handle.id, " on '", handle.module_name,
+                  "' (", to_string(handle.type), "): it was removed or belongs to another FlexModel");
+  return *found->second;
+}
+
+}  // namespace
+
+void FlexModelBase::remove_hook(const HookHandle& handle) {
+  ModelState& state = *state_;
+  FLEXMODEL_CHECK(!state.in_forward, ConfigError, "cannot remove a hook while a forward runs");
+  HookRecord& record = find_record(state, handle);
+  detach_record(state, record);
+  state.hooks.erase(handle.id);
+  state.selection_valid = false;
+}
+
+void FlexModelBase::restore() {
+  ModelState& state = *state_;
+  FLEXMODEL_CHECK(!state.in_forward, ConfigError, "cannot restore the model while a forward runs");
+  for (auto& [id, record] : state.hooks) detach_record(state, *record);
+  state.hooks.clear();
+  state.sites.clear();
+  state.groups = {kAllGroup};
+  state.selection_valid = false;
+}
+
+// ---- groups -------------------------------------------------------------
+
+std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& group, const Pattern& pattern,
+                                                         ExpectedShape expected_shape,
+                                                         EditingFunction editing_function, std::size_t unpack_idx,
+                                                         HookType type) {
+  FLEXMODEL_CHECK(group != kAllGroup, ConfigError, "create_hook_group: group 'all' is reserved (every hook is in it)");
+  std::vector<std::string> matches;
+  std::vector<std::string> unhookable;
+  if (type == HookType::tensor) {
+    for (const auto& item : root_->named_parameters(true)) {
+      if (pattern.matches(item.key())) matches.push_back(item.key());
+    }
+  } else {
+    for (const auto& item : root_->named_modules("", true)) {
+      if (!pattern.matches(item.key())) continue;
+      matches.push_back(item.key());
+      if (item.value().get() != root_.get() && !detail::is_hookable(item.value().get())) {
+        unhookable.push_back(item.key());
+      }
+    }
+  }
+  FLEXMODEL_CHECK(!matches.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
+                  " matches no ", type == HookType::tensor ? "parameter" : "module", " of the model");
+  FLEXMODEL_CHECK(unhookable.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
+                  " matches modules that are not called through a hookable holder: ",
+                  detail::list_text({unhookable.begin(), unhookable.end()}),
+                  "; narrow the pattern or make them hookable (flexmodel::Hooked / FLEX_MODULE)");
+  std::vector<HookHandle> created;
+  for (const auto& name : matches) {
+    created.push_back(
+        register_hook_function(HookFunction(name, expected_shape, editing_function, unpack_idx), type));
+  }
+  update_hook_groups(created, group);
+  return created;
+}
+
+void FlexModelBase::update_hook_groups(const std::vector<HookHandle>& hooks, const std::string& group) {
+  ModelState& state = *state_;
+  FLEXMODEL_CHECK(!group.empty(), ConfigError, "update_hook_groups: a group needs a non-empty name");
+  std::vector<HookRecord*> records;
+  for (const auto& handle : hooks) records.push_back(&find_record(state, handle));
+  for (HookRecord* record : records) record->groups.insert(group);
+  state.groups.insert(group);
+  state.selection_valid = false;
+}
+
+void FlexModelBase::update_hook_groups(const HookHandle& hook, const std::string& group) {
+  update_hook_groups(std::vector<HookHandle>{hook}, group);
+}
+
+namespace {
+
+std::vector<HookHandle> hooks_matching(const ModelState& state, const Pattern& pattern, const char* caller) {
+  std::vector<HookHandle> matched;
+  for (const auto& [id, record] : state.hooks) {
+    if (pattern.matches(record->function.module_name())) matched.push_back(record->handle());
+  }
+  FLEXMODEL_CHECK(!matched.empty(), ConfigError, caller, ": ", pattern.describe(), " matches no registered hook");
+  return matched;
+}
+
+}  // namespace
+
+void FlexModelBase::update_hook_groups(const Pattern& pattern, const std::string& group) {
+  update_hook_groups(hooks_matching(*state_, pattern, "update_hook_groups"), group);
+}
+
+void FlexModelBase::remove_hook_groups(const std::vector<HookHandle>& hooks, const std::set<std::string>& groups) {
+  ModelState& state = *state_;
+  for (const auto& group : groups) {
+    FLEXMODEL_CHECK(group != kAllGroup, ConfigError,
+                    "remove_hook_groups: group 'all' cannot be removed; every hook stays in it");
+    FLEXMODEL_CHECK(state.groups.count(group) != 0, ConfigError, "remove_hook_groups: no group '", group,
+                    "'; groups: ", detail::list_text(state.groups));
+  }
+  std::vector<HookRecord*> records;
+  for (const auto& handle : hooks) records.push_back(&find_record(state, handle));
+  for (HookRecord* record : records) {
+    for (const auto& group : groups) record->groups.erase(group);
+  }
+  state.selection_valid = false;
+}
+
+void FlexModelBase::remove_hook_groups(const HookHandle& hook, const std::set<std::string>& groups) {
+  remove_hook_groups(std::vector<HookHandle>{hook}, groups);
+}
+
+void FlexModelBase::remove_hook_groups(const Pattern& pattern, const std::set<std::string>& groups) {
+  remove_hook_groups(hooks_matching(*state_, pattern, "remove_hook_groups"), groups);
+}
+
+std::map<HookHandle, std::set<std::string>> FlexModelBase::get_hook_function_groups() const {
+  std::map<HookHandle, std::set<std::string>> result;
+  for (const auto& [id, record] : state_->hooks) result.emplace(record->handle(), record->groups);
+  return result;
+}
+
+std::vector<HookHandle> FlexModelBase::get_group_hook_functions(const std::string& group) const {
+  FLEXMODEL_CHECK(state_->groups.count(group) != 0, ConfigError, "no group '", group,
+                  "'; groups: ", detail::list_text(state_->groups));
+  std::vector<HookHandle> members;
+  for (const auto& [id, record] : state_->hooks) {
+    if (record->groups.count(group) != 0) members.push_back(record->handle());
+  }
+  return members;
+}
+
+std::set<std::string> FlexModelBase::hook_groups() const { return state_->groups; }
+
+std::vector<HookHandle> FlexModelBase::hooks() const {
+  std::vector<HookHandle> handles;
+  for (const auto& [id, record] : state_->hooks) handles.push_back(record->handle());
+  return handles;
+}
+
+// ---- trainable modules and parameters -----------------------------------
+
+void FlexModelBase::register_trainable_module(const std::string& name, std::shared_ptr<torch::nn::Module> module) {
+  FLEXMODEL_CHECK(module != nullptr, ConfigError, "register_trainable_module('", name, "'): the module is empty");
+  state_->trainable_modules[name] = std::move(module);
+}
+
+void FlexModelBase::wrapped_module_requires_grad(bool requires_grad) {
+  for (auto& parameter : root_->parameters(/*recurse=*/true)) parameter.requires_grad_(requires_grad);
+}
+
+torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const ExpectedShape& expected_shape) const {
+  auto parameters = root_->named_parameters(true);
+  const torch::Tensor* parameter = parameters.find(name);
+  if (parameter == nullptr) {
+    auto buffers = root_->named_buffers(true);
+    parameter = buffers.find(name);
+    FLEXMODEL_CHECK(parameter != nullptr, ConfigError, "get_module_parameter: the model has no parameter '", name,
+                    "'; close names: ", detail::close_names(name, names_of(parameters)));
+  }
+  if (!expected_shape.empty()) {
+    bool ok = static_cast<std::int64_t>(expected_shape.size()) == parameter->dim();
+    for (std::size_t d = 0; ok && d < expected_shape.size(); ++d) {
+      ok = !expected_shape[d] || *expected_shape[d] == parameter->size(static_cast<std::int64_t>(d));
+    }
+    FLEXMODEL_CHECK(ok, ShapeError, "get_module_parameter('", name, "'): expected shape ",
+                    detail::expected_text(expected_shape), ", the parameter has ", parameter->sizes());
+  }
+  return detail::snapshot_copy(*parameter);
+}
+
+// ---- forward ------------------------------------------------------------
+
+namespace {
+
+void apply_selection(ModelState& state, const Groups& groups) {
+  for (const auto& name : groups.names) {
+    FLEXMODEL_CHECK(state.groups.count(name) != 0, ConfigError, "forward: no hook group '", name,
+                    "'; groups: ", detail::list_text(state.groups));
+  }
+  if (state.selection_valid && state.selected_names == groups.names &&
+      state.selected_complement == groups.complemented) {
+    return;
+  }
+  for (auto& [id, record] : state.hooks) {
+    bool chosen = std::any_of(groups.names.begin(), groups.names.end(),
+                              [&](const std::string& name) { return record->groups.count(name) != 0; });
+    record->active = chosen != groups.complemented;
+  }
+  state.any_active_site = false;
+  for (auto& [module, site] : state.sites) {
+    auto any_active = [&](HookType type) {
+      const auto& list = site.of(type);
+      return std::any_of(list.begin(), list.end(), [](const auto& record) { return record->active; });
+    };
+    site.wants_inputs = any_active(HookType::forward_pre) || any_active(HookType::full_backward);
+    site.wants_outputs = any_active(HookType::forward) || any_active(HookType::full_backward_pre);
+    state.any_active_site = state.any_active_site || site.wants_inputs || site.wants_outputs;
+  }
+  state.selected_names = groups.names;
+  state.selected_complement = groups.complemented;
+  state.selection_valid = true;
+  state.check_unfired = true;
+}
+
+// A hook that never fires is almost always a module called around the library
+// (impl->forward(x) instead of a hookable holder); say so once.
+void warn_unfired(ModelState& state) {
+  for (auto& [id, record] : state.hooks) {
+    if (record->type == HookType::tensor || !record->active || record->fired || record->warned_unfired) continue;
+    record->warned_unfired = true;
+    logger()->warn(
+        "hook on '{}' ({}) did not fire in forward {}: if the module runs, it is called around the library "
+        "(impl->forward(...)); call it through its hookable holder or flexmodel::call",
+        record->function.module_name(), to_string(record->type), state.step);
+  }
+  state.check_unfired = false;
+}
+
+}  // namespace
+
+FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& groups) : state_(*model.state_) {
+  FLEXMODEL_CHECK(!state_.in_forward, ConfigError,
+                  "FlexModel::forward was called while a forward of the same FlexModel runs "
+                  "(from a hook, or from another thread); forwards of one FlexModel run one at a time");
+  apply_selection(state_, groups);
+  state_.in_forward = true;
+  state_.pending.clear();
+  if (state_.any_active_site) {
+    previous_ = detail::g_current_forward;
+    detail::g_current_forward = &state_;
+    detail::hooked_forwards_in_flight.fetch_add(1, std::memory_order_relaxed);
+    counted_ = true;
+    root_site_ = detail::find_active_site(model.root_.get());
+  }
+}
+
+FlexModelBase::ForwardScope::~ForwardScope() {
+  if (counted_) {
+    detail::hooked_forwards_in_flight.fetch_sub(1, std::memory_order_relaxed);
+    detail::g_current_forward = previous_;
+  }
+  if (!committed_) {
+    state_.pending.clear();
+    logger()->debug("forward {} failed; its captures were dropped", state_.step);
+  }
+  state_.in_forward = false;
+}
+
+void FlexModelBase::ForwardScope::commit() {
+  for (auto& capture : state_.pending) {
+    if (capture.copied.defined()) {
+      state_.outputs.append(*capture.series, std::move(capture.copied));
+    } else {
+      state_.outputs.append(*capture.series, std::move(capture.snapshot));
+    }
+  }
+  state_.pending.clear();
+  if (state_.check_unfired) warn_unfired(state_);
+  ++state_.step;
+  committed_ = true;
+}
+
+}  // namespace flexmodel

@@ -1,0 +1,73 @@
+#include "flexmodel/models/gpt.h"
+
+#include <cmath>
+
+#include <torch/nn/functional.h>
+
+#include "flexmodel/error.h"
+
+namespace flexmodel::models {
+
+AttentionImpl::AttentionImpl(const GPTOptions& options) : n_heads_(options.n_heads()) {
+  FLEXMODEL_CHECK(options.d_model() % options.n_heads() == 0, ConfigError, "GPT: d_model ", options.d_model(),
+                  " must be a multiple of n_heads ", options.n_heads());
+  qkv = register_module("qkv", flexmodel::nn::Linear(options.d_model(), 3 * options.d_model()));
+  proj = register_module("proj", flexmodel::nn::Linear(options.d_model(), options.d_model()));
+}
+
+std::tuple<torch::Tensor, torch::Tensor> AttentionImpl::forward(const torch::Tensor& x) {
+  const auto batch = x.size(0), time = x.size(1), width = x.size(2);
+  const auto head_dim = width / n_heads_;
+  auto split = qkv(x).view({batch, time, 3, n_heads_, head_dim}).permute({2, 0, 3, 1, 4});
+  auto q = split[0], k = split[1], v = split[2];
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
+  auto future = torch::ones({time, time}, torch::TensorOptions().dtype(torch::kBool).device(x.device())).triu(1);
+  auto probs = torch::softmax(scores.masked_fill(future, -std::numeric_limits<float>::infinity()), -1);
+  auto mixed = torch::matmul(probs, v).transpose(1, 2).reshape({batch, time, width});
+  return {proj(mixed), probs};
+}
+
+MLPImpl::MLPImpl(const GPTOptions& options) {
+  fc_in = register_module("fc_in", flexmodel::nn::Linear(options.d_model(), options.d_mlp()));
+  act = register_module("act", flexmodel::nn::GELU());
+  fc_out = register_module("fc_out", flexmodel::nn::Linear(options.d_mlp(), options.d_model()));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return fc_out(act(fc_in(x))); }
+
+BlockImpl::BlockImpl(const GPTOptions& options) {
+  ln_1 = register_module("ln_1", flexmodel::nn::LayerNorm(torch::nn::LayerNormOptions({options.d_model()})));
+  attn = register_module("attn", Attention(options));
+  ln_2 = register_module("ln_2", flexmodel::nn::LayerNorm(torch::nn::LayerNormOptions({options.d_model()})));
+  mlp = register_module("mlp", MLP(options));
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
+  auto h = x + std::get<0>(attn(ln_1(x)));
+  return h + mlp(ln_2(h));
+}
+
+GPTImpl::GPTImpl(const GPTOptions& options) : options_(options) {
+  embed_tokens = register_module("embed_tokens", flexmodel::nn::Embedding(options.vocab_size(), options.d_model()));
+  embed_positions =
+      register_module("embed_positions", flexmodel::nn::Embedding(options.max_positions(), options.d_model()));
+  layers = register_module("layers", flexmodel::nn::ModuleList());
+  for (std::int64_t i = 0; i < options.n_layers(); ++i) layers->push_back(Block(options));
+  norm = register_module("norm", flexmodel::nn::LayerNorm(torch::nn::LayerNormOptions({options.d_model()})));
+  lm_head = register_module("lm_head",
+                            flexmodel::nn::Linear(torch::nn::LinearOptions(options.d_model(), options.vocab_size()).bias(false)));
+}
+
+torch::Tensor GPTImpl::forward(const torch::Tensor& tokens) {
+  FLEXMODEL_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong, ShapeError,
+                  "GPT expects int64 tokens of shape [batch, time], got ", tokens.scalar_type(), " ",
+                  tokens.sizes());
+  FLEXMODEL_CHECK(tokens.size(1) <= options_.max_positions(), ShapeError, "GPT: sequence length ",
+                  tokens.size(1), " exceeds max_positions ", options_.max_positions());
+  auto positions = torch::arange(tokens.size(1), torch::TensorOptions().dtype(torch::kLong).device(tokens.device()));
+  auto h = embed_tokens(tokens) + embed_positions(positions);
+  for (std::size_t i = 0; i < layers->size(); ++i) h = layers->call<BlockImpl>(i, h);
+  return lm_head(norm(h));
+}
+
+}  // namespace flexmodel::models

@@ -1,0 +1,353 @@
+#include <gtest/gtest.h>
+
+#include <spdlog/sinks/ostream_sink.h>
+
+#include "flexmodel/hooks/editing.h"
+#include "flexmodel/models/gpt.h"
+#include "test_models.h"
+
+namespace flexmodel {
+namespace {
+
+using testing::compute_by_hand;
+using testing::Net;
+
+class HookTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    torch::manual_seed(0);
+    net = Net();
+    x = torch::randn({5, 4});
+  }
+  Net net{nullptr};
+  torch::Tensor x;
+};
+
+TEST_F(HookTest, CapturesEqualSubmoduleOutputsComputedByHand) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc1"));
+  fm.register_forward_hook(HookFunction("act"));
+  fm.register_forward_hook(HookFunction("fc2"));
+  fm.register_forward_hook(HookFunction(""));  // the root
+  torch::NoGradGuard no_grad;
+  auto out = fm.forward(x);
+  auto ref = compute_by_hand(*net, x);
+  EXPECT_TRUE(torch::equal(fm.outputs().at("fc1")[0], ref.fc1));
+  EXPECT_TRUE(torch::equal(fm.outputs().at("act")[0], ref.act));
+  EXPECT_TRUE(torch::equal(fm.outputs().at("fc2")[0], ref.fc2));
+  EXPECT_TRUE(torch::equal(fm.outputs().at("")[0], ref.out));
+  EXPECT_TRUE(torch::equal(out, ref.out));
+  // One snapshot per forward.
+  fm.forward(x * 2);
+  ASSERT_EQ(fm.outputs().at("fc1").size(), 2u);
+  EXPECT_TRUE(torch::equal(fm.outputs().at("fc1")[1], compute_by_hand(*net, x * 2).fc1));
+}
+
+TEST_F(HookTest, CaptureIsASnapshotNotAnAlias) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc1"));
+  fm.register_forward_hook(HookFunction(""));
+  // act's input is fc1's output tensor itself: edit it in place after the capture.
+  fm.register_forward_pre_hook(HookFunction("act", {}, [](const torch::Tensor& t) { t.mul_(3); }));
+  torch::NoGradGuard no_grad;
+  auto out = fm.forward(x);
+  auto ref = compute_by_hand(*net, x);
+  EXPECT_TRUE(torch::equal(fm.outputs().at("fc1")[0], ref.fc1));
+  auto captured_out = fm.outputs().at("")[0].clone();
+  out.zero_();
+  EXPECT_TRUE(torch::equal(fm.outputs().at("")[0], captured_out));
+}
+
+TEST_F(HookTest, ForwardEditMatchesTheSameEditByHand) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc1", {5, 8}, [](const torch::Tensor& t) { return t * 0.5 - 0.25; }));
+  torch::NoGradGuard no_grad;
+  auto out = fm.forward(x);
+  auto ref = compute_by_hand(*net, x, [](torch::Tensor t) { return t * 0.5 - 0.25; });
+  EXPECT_TRUE(torch::equal(out, ref.out));
+  // The capture is the activation before the edit.
+  EXPECT_TRUE(torch::equal(fm.outputs().at("fc1")[0], compute_by_hand(*net, x).fc1));
+}
+
+TEST_F(HookTest, PreHookEditsInputs) {
+  FlexModel fm(net);
+  fm.register_forward_pre_hook(HookFunction("fc2", {std::nullopt, 8}, [](const torch::Tensor& t) { return t + 1; }));
+  torch::NoGradGuard no_grad;
+  auto out = fm.forward(x);
+  auto ref = compute_by_hand(*net, x, nullptr, [](torch::Tensor t) { return t + 1; });
+  EXPECT_TRUE(torch::equal(out, ref.out));
+  EXPECT_TRUE(torch::equal(fm.outputs().at("fc2", HookType::forward_pre)[0], compute_by_hand(*net, x).fc2_input));
+}
+
+TEST_F(HookTest, UnpackIdxSelectsLeavesOfNestedOutputs) {
+  FlexModel fm(net);
+  for (std::size_t i = 0; i < 3; ++i) fm.register_forward_hook(HookFunction("split").unpack_idx(i));
+  // Zero leaf 2 (x - 1): fc2's input becomes 2·act.
+  fm.register_forward_hook(HookFunction("split").unpack_idx(2).capture(false).editing_function(hooks::zero_ablation()));
+  torch::NoGradGuard no_grad;
+  auto out = fm.forward(x);
+  auto ref = compute_by_hand(*net, x);
+  const auto& captured = fm.outputs().at("split");
+  ASSERT_EQ(captured.size(), 3u);
+  EXPECT_TRUE(torch::equal(captured[0], ref.split_doubled));
+  EXPECT_TRUE(torch::equal(captured[1], ref.split_plus));
+  EXPECT_TRUE(torch::equal(captured[2], ref.split_minus));
+  auto edited = compute_by_hand(*net, x, nullptr, [&](torch::Tensor) { return ref.split_doubled; });
+  EXPECT_TRUE(torch::equal(out, edited.out));
+}
+
+TEST_F(HookTest, BackwardHooksSeeAndEditTheGradientsAutogradComputes) {
+  auto weights = torch::randn({5, 3});
+  // Reference gradients, by autograd on the hand-written graph.
+  auto ref = compute_by_hand(*net, x);
+  auto loss = (ref.out * weights).sum();
+  auto grads = torch::autograd::grad({loss}, {ref.fc2, ref.fc2_input, ref.fc1}, {}, /*retain_graph=*/true);
+  auto fc1_weight_grad = torch::autograd::grad({loss}, {net->fc1->weight})[0];
+
+  FlexModel fm(net);
+  fm.register_full_backward_pre_hook(HookFunction("fc2"));  // gradient of fc2's output
+  fm.register_full_backward_hook(HookFunction("fc2"));      // gradient of fc2's input
+  // Doubles the gradient flowing back into fc1's output.
+  fm.register_full_backward_pre_hook(HookFunction("fc1", {}, [](const torch::Tensor& g) { return g * 2; }));
+  net->zero_grad();
+  (fm.forward(x) * weights).sum().backward();
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("fc2", HookType::full_backward_pre)[0], grads[0], 0, 0));
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("fc2", HookType::full_backward)[0], grads[1], 1e-6, 1e-6));
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("fc1", HookType::full_backward_pre)[0], grads[2], 1e-6, 1e-6));
+  EXPECT_TRUE(torch::allclose(net->fc1->weight.grad(), fc1_weight_grad * 2, 1e-5, 1e-6));
+}
+
+TEST_F(HookTest, ParameterGradientHooksSeeAndEditTheGradient) {
+  auto reference = torch::autograd::grad({compute_by_hand(*net, x).out.sum()}, {net->fc2->weight})[0];
+  FlexModel fm(net);
+  fm.register_hook(HookFunction("fc2.weight"));
+  fm.register_hook(HookFunction("fc1.bias", {8}, hooks::zero_ablation()));
+  net->zero_grad();
+  fm.forward(x).sum().backward();
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("fc2.weight", HookType::tensor)[0], reference, 1e-6, 1e-7));
+  EXPECT_TRUE(torch::allclose(net->fc2->weight.grad(), reference, 1e-6, 1e-7));
+  EXPECT_TRUE(torch::equal(net->fc1->bias.grad(), torch::zeros({8})));
+  EXPECT_GT(net->fc1->weight.grad().abs().sum().item<float>(), 0.0f);
+}
+
+TEST_F(HookTest, TrainableProbeLearnsThroughAnEditingFunction) {
+  FlexModel fm(net);
+  fm.wrapped_module_requires_grad(false);
+  torch::nn::Linear probe(8, 1);
+  fm.register_trainable_module("probe", probe);
+  fm.register_forward_hook(HookFunction("act", {}, hooks::linear_probe("probe", "probe_out")).capture(false));
+  auto frozen = net->fc1->weight.clone();
+  // Target: a fixed linear read-out of the activation, which the probe can learn.
+  auto readout = torch::randn({8, 1});
+  torch::optim::SGD optimiser(probe->parameters(), torch::optim::SGDOptions(0.05));
+  std::vector<float> losses;
+  for (int step = 0; step < 200; ++step) {
+    auto batch = torch::randn({16, 4});
+    fm.forward(batch);
+    auto target = torch::matmul(compute_by_hand(*net, batch).act, readout).detach();
+    auto loss = torch::mse_loss(fm.save_ctx().get<torch::Tensor>("probe_out"), target);
+    optimiser.zero_grad();
+    loss.backward();
+    optimiser.step();
+    losses.push_back(loss.item<float>());
+  }
+  EXPECT_LT(losses.back(), losses.front() / 10);
+  EXPECT_TRUE(torch::equal(net->fc1->weight, frozen));
+  EXPECT_FALSE(net->fc1->weight.grad().defined());
+  ASSERT_EQ(fm.trainable_modules().count("probe"), 1u);
+}
+
+TEST_F(HookTest, RestoreAndDestructionGiveBackTheUnwrappedModelBitwise) {
+  torch::NoGradGuard no_grad;
+  auto before = net->forward(x);
+  {
+    FlexModel fm(net);
+    fm.register_forward_hook(HookFunction("fc1", {}, hooks::scale(3.0)));
+    EXPECT_FALSE(torch::equal(fm.forward(x), before));
+  }
+  EXPECT_TRUE(torch::equal(net->forward(x), before));
+  FlexModel fm(net);
+  fm.create_hook_group("edits", "fc*", {}, hooks::zero_ablation());
+  fm.forward(Groups{"edits"}, x);
+  fm.restore();
+  EXPECT_TRUE(fm.hooks().empty());
+  EXPECT_TRUE(torch::equal(fm.forward(x), before));
+  EXPECT_TRUE(torch::equal(net->forward(x), before));
+}
+
+TEST_F(HookTest, GetModuleParameterReturnsACopy) {
+  FlexModel fm(net);
+  auto weight = fm.get_module_parameter("fc1.weight", {8, 4});
+  EXPECT_TRUE(torch::equal(weight, net->fc1->weight));
+  weight.zero_();
+  EXPECT_FALSE(torch::equal(weight, net->fc1->weight));
+  EXPECT_THROW(fm.get_module_parameter("fc1.weight", {4, 8}), ShapeError);
+  EXPECT_THROW(fm.get_module_parameter("fc1.wieght"), ConfigError);
+}
+
+std::string error_of(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const Error& error) {
+    return error.what();
+  }
+  return "(no error)";
+}
+
+TEST_F(HookTest, UnknownModuleErrorSuggestsCloseNames) {
+  FlexModel fm(net);
+  auto message = error_of([&] { fm.register_forward_hook(HookFunction("fc_1")); });
+  EXPECT_NE(message.find("no module named 'fc_1'"), std::string::npos) << message;
+  EXPECT_NE(message.find("'fc1'"), std::string::npos) << message;
+  message = error_of([&] { fm.register_hook(HookFunction("fc1.weights")); });
+  EXPECT_NE(message.find("'fc1.weight'"), std::string::npos) << message;
+}
+
+TEST_F(HookTest, HookOnAModuleThatCannotFireIsAnError) {
+  FlexModel fm(net);
+  auto message = error_of([&] { fm.register_forward_hook(HookFunction("side")); });
+  EXPECT_NE(message.find("'side'"), std::string::npos) << message;
+  EXPECT_NE(message.find("flexmodel::Hooked"), std::string::npos) << message;
+  EXPECT_TRUE(fm.hooks().empty());
+}
+
+TEST_F(HookTest, EditsThatChangeShapeDtypeOrDeviceNameTheHook) {
+  torch::NoGradGuard no_grad;
+  const std::vector<std::pair<EditingFunction, std::string>> bad_edits = {
+      {[](const torch::Tensor& t, HookContext&) { return t.narrow(1, 0, 2); }, "changed the shape"},
+      {[](const torch::Tensor& t, HookContext&) { return t.to(torch::kDouble); }, "changed the dtype"},
+      {[](const torch::Tensor& t, HookContext&) { return t.to(torch::kMeta); }, "moved the tensor"},
+      {[](const torch::Tensor&, HookContext&) { return torch::Tensor(); }, "undefined"},
+  };
+  auto before = net->forward(x);
+  for (const auto& [edit, expected] : bad_edits) {
+    FlexModel fm(net);
+    fm.register_forward_hook(HookFunction("fc1", {}, edit));
+    auto message = error_of([&] { fm.forward(x); });
+    EXPECT_NE(message.find("hook on 'fc1' (forward)"), std::string::npos) << message;
+    EXPECT_NE(message.find(expected), std::string::npos) << message;
+  }
+  EXPECT_TRUE(torch::equal(net->forward(x), before));
+}
+
+TEST_F(HookTest, ExpectedShapeMismatchNamesTheHook) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc2", {5, 4}));
+  auto message = error_of([&] { fm.forward(x); });
+  EXPECT_NE(message.find("hook on 'fc2' (forward) expected shape [5, 4], got [5, 3]"), std::string::npos) << message;
+}
+
+TEST_F(HookTest, AThrowingEditingFunctionLeavesTheModelUsable) {
+  torch::NoGradGuard no_grad;
+  auto before = net->forward(x);
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc1"));  // captures before the throw
+  fm.register_forward_hook(HookFunction("act", {}, hooks::scale(2.0)));
+  auto thrower = fm.register_forward_hook(
+      HookFunction("fc2", {}, [](const torch::Tensor&) -> torch::Tensor { throw std::runtime_error("boom"); }));
+  auto message = error_of([&] { fm.forward(x); });
+  EXPECT_NE(message.find("editing function of hook on 'fc2' (forward) threw: boom"), std::string::npos) << message;
+  EXPECT_FALSE(fm.outputs().contains("fc1"));  // the failed forward left no captures
+  EXPECT_EQ(fm.forwards_run(), 0);
+  EXPECT_TRUE(torch::equal(net->forward(x), before));  // nothing stays applied outside forward
+  fm.remove_hook(thrower);
+  // The remaining edit doubles act's output; relu(2t) = 2·relu(t) exactly.
+  EXPECT_TRUE(torch::equal(fm.forward(x), compute_by_hand(*net, x, [](torch::Tensor t) { return t * 2; }).out));
+  EXPECT_EQ(fm.outputs().at("fc1").size(), 1u);
+}
+
+TEST_F(HookTest, HookOnAModuleCalledAroundTheLibraryIsReported) {
+  std::ostringstream log;
+  auto previous = logger();
+  set_logger(std::make_shared<spdlog::logger>("flexmodel-test", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  {
+    FlexModel fm(net);
+    fm.register_forward_hook(HookFunction("bypassed"));
+    fm.forward(x);
+    fm.forward(x);
+  }
+  set_logger(previous);
+  const std::string text = log.str();
+  EXPECT_NE(text.find("hook on 'bypassed' (forward) did not fire"), std::string::npos) << text;
+  EXPECT_EQ(text.find("did not fire", text.find("did not fire") + 1), std::string::npos) << "warned twice: " << text;
+}
+
+TEST(Sequential, ChildrenOfTheHookableSequentialAreHookable) {
+  torch::manual_seed(1);
+  flexmodel::nn::Sequential seq(torch::nn::Linear(3, 5), torch::nn::ReLU(), torch::nn::Linear(5, 2));
+  auto x = torch::randn({4, 3});
+  FlexModel fm(seq);
+  fm.register_forward_hook(HookFunction("1"));
+  fm.register_forward_pre_hook(HookFunction("2", {}, [](const torch::Tensor& t) { return -t; }));
+  torch::NoGradGuard no_grad;
+  auto out = fm.forward(x);
+  auto first = seq->ptr<torch::nn::LinearImpl>(0);
+  auto last = seq->ptr<torch::nn::LinearImpl>(2);
+  auto hidden = torch::relu(torch::linear(x, first->weight, first->bias));
+  EXPECT_TRUE(torch::equal(fm.outputs().at("1")[0], hidden));
+  EXPECT_TRUE(torch::equal(out, torch::linear(-hidden, last->weight, last->bias)));
+}
+
+TEST(Sequential, ChildrenOfThePlainSequentialAreRefused) {
+  torch::nn::Sequential seq(torch::nn::Linear(3, 5), torch::nn::ReLU());
+  FlexModel fm(seq.ptr());
+  EXPECT_THROW(fm.register_forward_hook(HookFunction("1")), ConfigError);
+  fm.register_forward_hook(HookFunction(""));  // the root is always hookable
+}
+
+TEST(SaveContext, TypeMismatchSaysWhatItHolds) {
+  SaveContext ctx;
+  ctx.set("n", 3);
+  EXPECT_EQ(ctx.get<int>("n"), 3);
+  auto message = error_of([&] { ctx.get<double>("n"); });
+  EXPECT_NE(message.find("save_ctx['n'] holds int, asked for double"), std::string::npos) << message;
+  EXPECT_THROW(ctx.get<int>("missing"), ConfigError);
+}
+
+TEST(OutputMap, MissingKeyListsWhatWasCaptured) {
+  torch::manual_seed(0);
+  Net net;
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc1"));
+  fm.forward(torch::randn({2, 4}));
+  auto message = error_of([&] { fm.outputs().at("fc2"); });
+  EXPECT_NE(message.find("captured: 'fc1' (forward)"), std::string::npos) << message;
+}
+
+TEST(ReadyMadeHooks, PatchingALayerFromACleanRunReproducesTheCleanLogits) {
+  torch::manual_seed(0);
+  models::GPT gpt(models::GPTOptions().n_layers(2));
+  auto clean = torch::randint(0, 256, {2, 10});
+  auto corrupted = torch::randint(0, 256, {2, 10});
+  torch::NoGradGuard no_grad;
+  auto clean_logits = gpt->forward(clean);
+  FlexModel fm(gpt);
+  // The logits depend on the residual stream only through the last layer's output.
+  auto save = fm.register_forward_hook(HookFunction("layers.1", {}, hooks::save_to("clean")).capture(false));
+  fm.create_hook_group("patch", "layers.1", {}, hooks::patch("clean"));
+  fm.update_hook_groups(save, "save");
+  fm.forward(Groups{"save"}, clean);
+  auto patched = fm.forward(Groups{"patch"}, corrupted);
+  EXPECT_TRUE(torch::equal(patched, clean_logits));
+  EXPECT_FALSE(torch::equal(fm.forward(Groups{"save"}, corrupted), clean_logits));
+}
+
+TEST(ReadyMadeHooks, SteeringAndMeanAblationMatchTheirDefinitions) {
+  torch::manual_seed(0);
+  testing::Net net;
+  auto x = torch::randn({5, 4});
+  auto direction = torch::randn({8});
+  torch::NoGradGuard no_grad;
+  FlexModel fm(net);
+  fm.create_hook_group("steer", "fc1", {}, hooks::add_vector(direction, 0.5));
+  fm.create_hook_group("mean", "fc1", {}, hooks::mean_ablation());
+  EXPECT_TRUE(torch::equal(fm.forward(Groups{"steer"}, x),
+                           compute_by_hand(*net, x, [&](torch::Tensor t) { return t + 0.5 * direction; }).out));
+  EXPECT_TRUE(torch::allclose(fm.forward(Groups{"mean"}, x),
+                              compute_by_hand(*net, x, [](torch::Tensor t) {
+                                return t.mean(0, true).expand_as(t);
+                              }).out));
+}
+
+}  // namespace
+}  // namespace flexmodel
