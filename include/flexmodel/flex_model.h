@@ -102,6 +102,15 @@ class FlexModelBase {
                                             EditingFunction editing_function = {},
                                             std::size_t unpack_idx = 0,
                                             HookType type = HookType::forward);
+  // The same for any editing callable HookFunction accepts (observe or replace).
+  template <class F>
+    requires(!std::is_same_v<std::decay_t<F>, EditingFunction>)
+  std::vector<HookHandle> create_hook_group(const std::string& group, const Pattern& pattern,
+                                            ExpectedShape expected_shape, F&& editing_function,
+                                            std::size_t unpack_idx = 0, HookType type = HookType::forward) {
+    return create_hook_group(group, pattern, std::move(expected_shape),
+                             detail::to_editing_function(std::forward<F>(editing_function)), unpack_idx, type);
+  }
   void update_hook_groups(const std::vector<HookHandle>& hooks, const std::string& group);
   void update_hook_groups(const HookHandle& hook, const std::string& group);
   void update_hook_groups(const Pattern& pattern, const std::string& group);

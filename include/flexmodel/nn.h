@@ -7,7 +7,7 @@
 #include <memory>
 #include <utility>
 
-#include <torch/nn/modules.h>
+#include <torch/nn.h>
 
 #include "flexmodel/hooked.h"
 
