@@ -197,10 +197,14 @@ void OutputMap::append(Series& series, torch::Tensor snapshot) {
   series.tensors.push_back(std::move(snapshot));
 }
 
-void OutputMap::append(Series& series, detail::PendingSnapshot snapshot) {
+void OutputMap::append_all(std::vector<Capture>& captures) {
   std::lock_guard lock(mutex_);
-  series.pending.emplace_back(series.tensors.size(), std::move(snapshot));
-  series.tensors.emplace_back();
+  for (auto& capture : captures) {
+    Series& series = *capture.series;
+    if (!capture.copied.defined()) series.pending.emplace_back(series.tensors.size(), std::move(capture.pending));
+    series.tensors.push_back(std::move(capture.copied));
+  }
+  captures.clear();
 }
 
 const OutputMap::Series& OutputMap::find(const std::string& module_name, HookType type) const {

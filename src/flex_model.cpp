@@ -51,12 +51,6 @@ struct Site {
   }
 };
 
-struct PendingCapture {
-  OutputMap::Series* series;
-  PendingSnapshot snapshot;
-  torch::Tensor copied;  // set instead of `snapshot` for tensors the arena does not take
-};
-
 struct ModelState {
   std::map<std::uint64_t, std::shared_ptr<HookRecord>> hooks;
   std::unordered_map<const torch::nn::Module*, Site> sites;
@@ -77,12 +71,14 @@ struct ModelState {
 
   bool in_forward = false;
   SnapshotArena arena;
-  std::vector<PendingCapture> pending;
+  std::vector<OutputMap::Capture> pending;
 };
 
 namespace {
 
-thread_local ModelState* g_current_forward = nullptr;
+// Initial-exec: the library is linked, not dlopen'ed late, and the hot path
+// then reads the pointer without a call into the TLS resolver.
+__attribute__((tls_model("initial-exec"))) thread_local ModelState* g_current_forward = nullptr;
 
 std::size_t edit_distance(std::string_view a, std::string_view b) {
   std::vector<std::size_t> row(b.size() + 1);
@@ -168,9 +164,9 @@ void capture(ModelState& state, HookRecord& record, const torch::Tensor& tensor,
   if (record.series == nullptr) record.series = &state.outputs.series(record.function.module_name(), record.type);
   if (in_forward) {
     if (can_copy_into_arena(tensor)) {
-      state.pending.push_back(PendingCapture{record.series, state.arena.copy(tensor), {}});
+      state.pending.push_back(OutputMap::Capture{record.series, state.arena.copy(tensor), {}});
     } else {
-      state.pending.push_back(PendingCapture{record.series, {}, snapshot_copy(tensor)});
+      state.pending.push_back(OutputMap::Capture{record.series, {}, snapshot_copy(tensor)});
     }
   } else {
     state.outputs.append(*record.series, snapshot_copy(tensor));
@@ -642,14 +638,7 @@ FlexModelBase::ForwardScope::~ForwardScope() {
 }
 
 void FlexModelBase::ForwardScope::commit() {
-  for (auto& capture : state_.pending) {
-    if (capture.copied.defined()) {
-      state_.outputs.append(*capture.series, std::move(capture.copied));
-    } else {
-      state_.outputs.append(*capture.series, std::move(capture.snapshot));
-    }
-  }
-  state_.pending.clear();
+  state_.outputs.append_all(state_.pending);
   if (state_.check_unfired) warn_unfired(state_);
   ++state_.step;
   committed_ = true;

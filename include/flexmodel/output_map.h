@@ -51,7 +51,14 @@ class OutputMap {
   };
   Series& series(const std::string& module_name, HookType type);
   void append(Series& series, torch::Tensor snapshot);
-  void append(Series& series, detail::PendingSnapshot snapshot);
+  // A snapshot into `series`: bytes still pending, or a tensor already copied.
+  struct Capture {
+    Series* series;
+    detail::PendingSnapshot pending;
+    torch::Tensor copied;
+  };
+  // Appends a forward's captures under one lock, then empties `captures`.
+  void append_all(std::vector<Capture>& captures);
 
  private:
   const Series& find(const std::string& module_name, HookType type) const;

@@ -17,17 +17,17 @@
 namespace flexmodel::models {
 
 struct GPTOptions {
+  // GPT-2 small's shape: 12 layers, d 768, 12 heads, MLP 3072, vocabulary 50257.
+  static GPTOptions gpt2_small() {
+    return GPTOptions().vocab_size(50257).max_positions(1024).d_model(768).n_heads(12).n_layers(12).d_mlp(3072);
+  }
+
   TORCH_ARG(std::int64_t, vocab_size) = 256;
   TORCH_ARG(std::int64_t, max_positions) = 128;
   TORCH_ARG(std::int64_t, d_model) = 64;
   TORCH_ARG(std::int64_t, n_heads) = 4;
   TORCH_ARG(std::int64_t, n_layers) = 2;
   TORCH_ARG(std::int64_t, d_mlp) = 256;
-
-  // GPT-2 small's shape: 12 layers, d 768, 12 heads, MLP 3072, vocabulary 50257.
-  static GPTOptions gpt2_small() {
-    return GPTOptions().vocab_size(50257).max_positions(1024).d_model(768).n_heads(12).n_layers(12).d_mlp(3072);
-  }
 };
 
 class AttentionImpl : public torch::nn::Module {

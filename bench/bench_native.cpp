@@ -1,0 +1,160 @@
+// Costs of hooking native modules. Each benchmark alternates the baseline and
+// the hooked variant inside one loop, so that drift of the machine hits both
+// alike, and reports the medians of both and of their paired difference.
+// bench/run.sh runs it with repetitions and prints the medians.
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include <flexmodel/flexmodel.h>
+#include <flexmodel/models/gpt.h>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_of(const std::function<void()>& work) {
+  auto start = Clock::now();
+  work();
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double median(std::vector<double> values) {
+  std::nth_element(values.begin(), values.begin() + values.size() / 2, values.end());
+  return values[values.size() / 2];
+}
+
+// Paired timings: baseline[i] and variant[i] ran back to back.
+struct Paired {
+  std::vector<double> baseline, variant;
+
+  void report(benchmark::State& state, double scale, const char* unit) const {
+    std::vector<double> difference(baseline.size());
+    std::vector<double> ratio(baseline.size());
+    for (std::size_t i = 0; i < baseline.size(); ++i) {
+      difference[i] = variant[i] - baseline[i];
+      ratio[i] = variant[i] / baseline[i];
+    }
+    state.counters[std::string("baseline_") + unit] = median(baseline) * scale;
+    state.counters[std::string("hooked_") + unit] = median(variant) * scale;
+    state.counters[std::string("added_") + unit] = median(difference) * scale;
+    state.counters["added_pct"] = (median(ratio) - 1.0) * 100.0;
+  }
+};
+
+// A forward that does almost nothing, so the holder's own cost shows.
+struct PassImpl : torch::nn::Module {
+  torch::Tensor forward(const torch::Tensor& x) { return x; }
+};
+TORCH_MODULE(Pass);
+struct HookablePassImpl : PassImpl {};
+FLEX_MODULE(HookablePass);
+
+// An unhooked call through the hookable holder against the plain holder; ns per call.
+void holder_call(benchmark::State& state) {
+  constexpr int kCalls = 10000;
+  Pass plain;
+  HookablePass hookable;
+  auto x = torch::ones({1});
+  Paired paired;
+  for (auto _ : state) {
+    paired.baseline.push_back(seconds_of([&] {
+      for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(plain(x));
+    }) / kCalls);
+    paired.variant.push_back(seconds_of([&] {
+      for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(hookable(x));
+    }) / kCalls);
+  }
+  paired.report(state, 1e9, "ns");
+}
+BENCHMARK(holder_call)->Unit(benchmark::kMicrosecond);
+
+// 1000 × Linear(8, 8) at batch 1: unwrapped against a retrieval hook on every
+// layer (snapshot into the output map included); µs per forward.
+void linear_chain(benchmark::State& state) {
+  constexpr int kLayers = 1000;
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(0);
+  flexmodel::nn::Sequential chain;
+  for (int i = 0; i < kLayers; ++i) chain->push_back(torch::nn::Linear(8, 8));
+  auto x = torch::randn({1, 8});
+  flexmodel::FlexModel fm(chain);
+  fm.create_hook_group("every", "*");
+  Paired paired;
+  for (auto _ : state) {
+    paired.baseline.push_back(seconds_of([&] { benchmark::DoNotOptimize(chain->forward(x)); }));
+    paired.variant.push_back(seconds_of([&] { benchmark::DoNotOptimize(fm.forward(x)); }));
+    state.PauseTiming();
+    fm.outputs().clear();
+    state.ResumeTiming();
+  }
+  paired.report(state, 1e6, "us");
+  state.counters["added_us_per_hooked_call"] = state.counters["added_us"] / kLayers;
+}
+BENCHMARK(linear_chain)->Unit(benchmark::kMillisecond)->MinTime(1.0);
+
+flexmodel::models::GPT& model_of(const flexmodel::models::GPTOptions& options) {
+  static std::map<std::int64_t, flexmodel::models::GPT> models;
+  auto& model = models.try_emplace(options.d_model(), nullptr).first->second;
+  if (model.is_empty()) {
+    torch::manual_seed(0);
+    model = flexmodel::models::GPT(options);
+    model->eval();
+  }
+  return model;
+}
+
+// A forward of a 12-layer GPT, unwrapped against 24 retrieval hooks (every
+// attention and MLP output); ms per forward. The pairs run in ABBA order so
+// that whichever goes second gains nothing. Args: batch, sequence.
+void gpt_forward(benchmark::State& state, const flexmodel::models::GPTOptions& options) {
+  torch::NoGradGuard no_grad;
+  auto& model = model_of(options);
+  flexmodel::FlexModel fm(model);
+  auto hooks = fm.create_hook_group("attn", "layers.*.attn");
+  auto mlp = fm.create_hook_group("mlp", "layers.*.mlp");
+  state.counters["hooks"] = static_cast<double>(hooks.size() + mlp.size());
+  torch::manual_seed(1);
+  auto tokens = torch::randint(0, options.vocab_size(), {state.range(0), state.range(1)});
+  auto plain = [&] { return seconds_of([&] { benchmark::DoNotOptimize(model->forward(tokens)); }); };
+  auto hooked = [&] { return seconds_of([&] { benchmark::DoNotOptimize(fm.forward(tokens)); }); };
+  Paired paired;
+  bool plain_first = true;
+  for (auto _ : state) {
+    if (plain_first) {
+      paired.baseline.push_back(plain());
+      paired.variant.push_back(hooked());
+    } else {
+      paired.variant.push_back(hooked());
+      paired.baseline.push_back(plain());
+    }
+    plain_first = !plain_first;
+    state.PauseTiming();
+    fm.outputs().clear();
+    state.ResumeTiming();
+  }
+  paired.report(state, 1e3, "ms");
+}
+
+// GPT-2 small's shape.
+void gpt2_small_forward(benchmark::State& state) { gpt_forward(state, flexmodel::models::GPTOptions::gpt2_small()); }
+BENCHMARK(gpt2_small_forward)
+    ->ArgNames({"batch", "seq"})
+    ->Args({1, 1})
+    ->Args({4, 128})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5.0);
+
+// The same 12-layer structure at width 64: the compute nearly vanishes, so the
+// difference is the hooking machinery itself, measured without the big model's noise.
+void gpt_narrow_forward(benchmark::State& state) {
+  gpt_forward(state, flexmodel::models::GPTOptions().n_layers(12));
+}
+BENCHMARK(gpt_narrow_forward)->ArgNames({"batch", "seq"})->Args({1, 1})->Unit(benchmark::kMillisecond)->MinTime(1.0);
+
+}  // namespace
+
+BENCHMARK_MAIN();
