@@ -9,6 +9,7 @@
 #include <torch/autograd.h>
 
 #include "flexmodel/logging.h"
+#include "detail/model_adapter.h"
 #include "detail/snapshot.h"
 
 namespace flexmodel {
@@ -53,7 +54,7 @@ struct Site {
 
 struct ModelState {
   std::map<std::uint64_t, std::shared_ptr<HookRecord>> hooks;
-  std::unordered_map<const torch::nn::Module*, Site> sites;
+  std::unordered_map<const void*, Site> sites;
   std::set<std::string> groups{kAllGroup};
   std::uint64_t next_id = 1;
 
@@ -93,17 +94,6 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
     }
   }
   return row[b.size()];
-}
-
-std::string close_names(const std::string& wanted, const std::vector<std::string>& names) {
-  std::vector<std::pair<std::size_t, std::string>> ranked;
-  for (const auto& name : names) ranked.emplace_back(edit_distance(wanted, name), name);
-  std::sort(ranked.begin(), ranked.end());
-  std::string out;
-  for (std::size_t i = 0; i < ranked.size() && i < 3; ++i) {
-    out += concat(i == 0 ? "" : ", ", "'", ranked[i].second, "'");
-  }
-  return out.empty() ? "(the model has none)" : out;
 }
 
 std::string list_text(const std::set<std::string>& names) {
@@ -236,7 +226,18 @@ void run_hooks(ModelState& state, Site& site, HookType value_type, HookType grad
 
 }  // namespace
 
-Site* find_active_site(const torch::nn::Module* module) noexcept {
+std::string close_names(const std::string& wanted, const std::vector<std::string>& names) {
+  std::vector<std::pair<std::size_t, std::string>> ranked;
+  for (const auto& name : names) ranked.emplace_back(edit_distance(wanted, name), name);
+  std::sort(ranked.begin(), ranked.end());
+  std::string out;
+  for (std::size_t i = 0; i < ranked.size() && i < 3; ++i) {
+    out += concat(i == 0 ? "" : ", ", "'", ranked[i].second, "'");
+  }
+  return out.empty() ? "(the model has none)" : out;
+}
+
+Site* find_active_site(const void* module) noexcept {
   ModelState* state = g_current_forward;
   if (state == nullptr) return nullptr;
   auto found = state->sites.find(module);
@@ -263,9 +264,8 @@ using detail::Site;
 
 // ---- construction and registration --------------------------------------
 
-FlexModelBase::FlexModelBase(std::shared_ptr<torch::nn::Module> root, FlexModelOptions options)
-    : root_(std::move(root)), options_(options), state_(std::make_unique<ModelState>()) {
-  FLEXMODEL_CHECK(root_ != nullptr, ConfigError, "FlexModel needs a model; got an empty module holder");
+FlexModelBase::FlexModelBase(std::shared_ptr<detail::ModelAdapter> adapter, FlexModelOptions options)
+    : adapter_(std::move(adapter)), options_(options), state_(std::make_unique<ModelState>()) {
   FLEXMODEL_CHECK(options_.tensor_parallel_size == 1 && options_.pipeline_parallel_size == 1 &&
                       options_.data_parallel_size == 1,
                   ConfigError, "parallel sizes (tp ", options_.tensor_parallel_size, ", pp ",
@@ -305,16 +305,17 @@ HookHandle FlexModelBase::register_hook(HookFunction hook) {
 
 namespace {
 
-std::vector<std::string> names_of(const torch::OrderedDict<std::string, std::shared_ptr<torch::nn::Module>>& dict) {
+std::vector<std::string> names_of(const detail::NamedTensors& tensors) {
   std::vector<std::string> names;
-  for (const auto& item : dict) names.push_back(item.key());
+  for (const auto& [name, tensor] : tensors) names.push_back(name);
   return names;
 }
 
-std::vector<std::string> names_of(const torch::OrderedDict<std::string, torch::Tensor>& dict) {
-  std::vector<std::string> names;
-  for (const auto& item : dict) names.push_back(item.key());
-  return names;
+const torch::Tensor* find_named(const detail::NamedTensors& tensors, const std::string& name) {
+  for (const auto& [key, tensor] : tensors) {
+    if (key == name) return &tensor;
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -331,8 +332,8 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
   record->state = &state;
 
   if (type == HookType::tensor) {
-    auto parameters = root_->named_parameters(/*recurse=*/true);
-    const torch::Tensor* parameter = parameters.find(name);
+    auto parameters = adapter_->named_parameters();
+    const torch::Tensor* parameter = find_named(parameters, name);
     FLEXMODEL_CHECK(parameter != nullptr, ConfigError, "register_hook: the model has no parameter '", name,
                     "'; close names: ", detail::close_names(name, names_of(parameters)));
     FLEXMODEL_CHECK(parameter->requires_grad(), ConfigError, "register_hook: parameter '", name,
@@ -348,24 +349,17 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
       return edited;
     });
   } else {
-    auto modules = root_->named_modules("", /*include_self=*/true);
-    const std::shared_ptr<torch::nn::Module>* module = modules.find(name);
-    FLEXMODEL_CHECK(module != nullptr, ConfigError, "no module named '", name, "' in the model; close names: ",
-                    detail::close_names(name, names_of(modules)));
-    FLEXMODEL_CHECK(module->get() == root_.get() || detail::is_hookable(module->get()), ConfigError,
-                    "module '", name, "' (", (*module)->name(),
-                    ") is not called through a hookable holder, so a hook on it could never fire; declare it as "
-                    "flexmodel::Hooked<torch::nn::X> (or flexmodel::nn::X), use FLEX_MODULE(Name) instead of "
-                    "TORCH_MODULE(Name), or hold it in flexmodel::nn::Sequential / flexmodel::nn::ModuleList");
-    Site& site = state.sites[module->get()];
+    const detail::HookPoint point = adapter_->hook_point(name);
+    Site& site = state.sites[point.key];
     site.module_name = name;
-    site.module = module->get();
+    site.module = point.module;
     site.of(type).push_back(record);
     record->site = &site;
   }
   state.hooks.emplace(record->id, record);
   ++state.next_id;
   state.selection_valid = false;
+  if (type != HookType::tensor) announce_hook_points();
   logger()->debug("registered {} hook on '{}'", to_string(type), name);
   return record->handle();
 }
@@ -378,7 +372,9 @@ void detach_record(ModelState& state, HookRecord& record) {
   } else if (record.site != nullptr) {
     auto& list = record.site->of(record.type);
     std::erase_if(list, [&](const auto& other) { return other.get() == &record; });
-    if (record.site->empty()) state.sites.erase(record.site->module);
+    if (record.site->empty()) {
+      std::erase_if(state.sites, [&](const auto& entry) { return &entry.second == record.site; });
+    }
     record.site = nullptr;
   }
   record.state = nullptr;
@@ -397,9 +393,11 @@ void FlexModelBase::remove_hook(const HookHandle& handle) {
   ModelState& state = *state_;
   FLEXMODEL_CHECK(!state.in_forward, ConfigError, "cannot remove a hook while a forward runs");
   HookRecord& record = find_record(state, handle);
+  const bool module_hook = record.type != HookType::tensor;
   detach_record(state, record);
   state.hooks.erase(handle.id);
   state.selection_valid = false;
+  if (module_hook) announce_hook_points();
 }
 
 void FlexModelBase::restore() {
@@ -410,6 +408,17 @@ void FlexModelBase::restore() {
   state.sites.clear();
   state.groups = {kAllGroup};
   state.selection_valid = false;
+  announce_hook_points();
+}
+
+void FlexModelBase::announce_hook_points() {
+  std::vector<detail::HookPointUse> uses;
+  for (auto& [key, site] : state_->sites) {
+    uses.push_back(detail::HookPointUse{
+        site.module_name, key, !site.of(HookType::forward_pre).empty() || !site.of(HookType::full_backward).empty(),
+        !site.of(HookType::forward).empty() || !site.of(HookType::full_backward_pre).empty()});
+  }
+  adapter_->hook_points_changed(uses);
 }
 
 // ---- groups -------------------------------------------------------------
@@ -422,24 +431,22 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
   std::vector<std::string> matches;
   std::vector<std::string> unhookable;
   if (type == HookType::tensor) {
-    for (const auto& item : root_->named_parameters(true)) {
-      if (pattern.matches(item.key())) matches.push_back(item.key());
+    for (const auto& [name, parameter] : adapter_->named_parameters()) {
+      if (pattern.matches(name)) matches.push_back(name);
     }
   } else {
-    for (const auto& item : root_->named_modules("", true)) {
-      if (!pattern.matches(item.key())) continue;
-      matches.push_back(item.key());
-      if (item.value().get() != root_.get() && !detail::is_hookable(item.value().get())) {
-        unhookable.push_back(item.key());
-      }
+    for (const auto& name : adapter_->module_names()) {
+      if (!pattern.matches(name)) continue;
+      matches.push_back(name);
+      if (!adapter_->unhookable_reason(name).empty()) unhookable.push_back(name);
     }
   }
   FLEXMODEL_CHECK(!matches.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
                   " matches no ", type == HookType::tensor ? "parameter" : "module", " of the model");
   FLEXMODEL_CHECK(unhookable.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
-                  " matches modules that are not called through a hookable holder: ",
-                  detail::list_text({unhookable.begin(), unhookable.end()}),
-                  "; narrow the pattern or make them hookable (flexmodel::Hooked / FLEX_MODULE)");
+                  " matches modules whose hooks could never fire: ",
+                  detail::list_text({unhookable.begin(), unhookable.end()}), "; narrow the pattern (",
+                  adapter_->unhookable_reason(unhookable.empty() ? std::string() : unhookable.front()), ")");
   std::vector<HookHandle> created;
   for (const auto& name : matches) {
     created.push_back(
@@ -536,15 +543,15 @@ void FlexModelBase::register_trainable_module(const std::string& name, std::shar
 }
 
 void FlexModelBase::wrapped_module_requires_grad(bool requires_grad) {
-  for (auto& parameter : root_->parameters(/*recurse=*/true)) parameter.requires_grad_(requires_grad);
+  for (auto& [name, parameter] : adapter_->named_parameters()) parameter.requires_grad_(requires_grad);
 }
 
 torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const ExpectedShape& expected_shape) const {
-  auto parameters = root_->named_parameters(true);
-  const torch::Tensor* parameter = parameters.find(name);
+  auto parameters = adapter_->named_parameters();
+  auto buffers = adapter_->named_buffers();
+  const torch::Tensor* parameter = find_named(parameters, name);
   if (parameter == nullptr) {
-    auto buffers = root_->named_buffers(true);
-    parameter = buffers.find(name);
+    parameter = find_named(buffers, name);
     FLEXMODEL_CHECK(parameter != nullptr, ConfigError, "get_module_parameter: the model has no parameter '", name,
                     "'; close names: ", detail::close_names(name, names_of(parameters)));
   }
@@ -621,7 +628,7 @@ FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& gr
     detail::g_current_forward = &state_;
     detail::hooked_forwards_in_flight.fetch_add(1, std::memory_order_relaxed);
     counted_ = true;
-    root_site_ = detail::find_active_site(model.root_.get());
+    root_site_ = detail::find_active_site(model.adapter_->root_key());
   }
 }
 
@@ -644,4 +651,71 @@ void FlexModelBase::ForwardScope::commit() {
   committed_ = true;
 }
 
+// ---- the native adapter -------------------------------------------------
+
+namespace detail {
+namespace {
+
+class NativeAdapter final : public ModelAdapter {
+ public:
+  explicit NativeAdapter(std::shared_ptr<torch::nn::Module> root) : root_(std::move(root)) {
+    FLEXMODEL_CHECK(root_ != nullptr, ConfigError, "FlexModel needs a model; got an empty module holder");
+  }
+
+  std::vector<std::string> module_names() const override {
+    refresh();
+    return modules_.keys();
+  }
+
+  HookPoint hook_point(const std::string& name) const override {
+    auto module = find(name);
+    FLEXMODEL_CHECK(module != nullptr, ConfigError, "no module named '", name, "' in the model; close names: ",
+                    close_names(name, module_names()));
+    std::string reason = unhookable_reason(name);
+    FLEXMODEL_CHECK(reason.empty(), ConfigError, "module '", name, "' (", module->name(), ") ", reason);
+    return HookPoint{module.get(), module.get()};
+  }
+
+  std::string unhookable_reason(const std::string& name) const override {
+    auto module = find(name);
+    if (module == nullptr || module == root_ || is_hookable(module.get())) return {};
+    return "is not called through a hookable holder, so a hook on it could never fire; declare it as "
+           "flexmodel::Hooked<torch::nn::X> (or flexmodel::nn::X), use FLEX_MODULE(Name) instead of "
+           "TORCH_MODULE(Name), or hold it in flexmodel::nn::Sequential / flexmodel::nn::ModuleList";
+  }
+
+  NamedTensors named_parameters() const override { return to_vector(root_->named_parameters(true)); }
+  NamedTensors named_buffers() const override { return to_vector(root_->named_buffers(true)); }
+  const void* root_key() const override { return root_.get(); }
+
+ private:
+  // The tree is cached; a name it lacks refreshes it once, for trees changed after wrapping.
+  std::shared_ptr<torch::nn::Module> find(const std::string& name) const {
+    const auto* found = modules_.find(name);
+    if (found == nullptr) {
+      refresh();
+      found = modules_.find(name);
+    }
+    return found != nullptr ? *found : nullptr;
+  }
+
+  void refresh() const { modules_ = root_->named_modules("", true); }
+
+  static NamedTensors to_vector(const torch::OrderedDict<std::string, torch::Tensor>& dict) {
+    NamedTensors out;
+    for (const auto& item : dict) out.emplace_back(item.key(), item.value());
+    return out;
+  }
+
+  std::shared_ptr<torch::nn::Module> root_;
+  mutable torch::OrderedDict<std::string, std::shared_ptr<torch::nn::Module>> modules_;
+};
+
+}  // namespace
+
+std::shared_ptr<ModelAdapter> make_native_adapter(std::shared_ptr<torch::nn::Module> root) {
+  return std::make_shared<NativeAdapter>(std::move(root));
+}
+
+}  // namespace detail
 }  // namespace flexmodel

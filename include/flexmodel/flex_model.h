@@ -70,6 +70,10 @@ struct FlexModelOptions {
 
 namespace detail {
 struct ModelState;
+class ModelAdapter;
+
+// The adapter of native torch::nn::Module trees.
+std::shared_ptr<ModelAdapter> make_native_adapter(std::shared_ptr<torch::nn::Module> root);
 
 template <class... Args>
 inline constexpr bool first_is_groups = false;
@@ -148,11 +152,10 @@ class FlexModelBase {
   void restore();
 
   const FlexModelOptions& options() const { return options_; }
-  torch::nn::Module& root_module() const { return *root_; }
   std::int64_t forwards_run() const;
 
  protected:
-  FlexModelBase(std::shared_ptr<torch::nn::Module> root, FlexModelOptions options);
+  FlexModelBase(std::shared_ptr<detail::ModelAdapter> adapter, FlexModelOptions options);
 
   // Active for the duration of one forward; commits captures only on success.
   class ForwardScope {
@@ -174,7 +177,10 @@ class FlexModelBase {
   };
 
  private:
-  std::shared_ptr<torch::nn::Module> root_;
+  // Tells the adapter which hook points have hooks, after registration changes.
+  void announce_hook_points();
+
+  std::shared_ptr<detail::ModelAdapter> adapter_;
   FlexModelOptions options_;
   std::unique_ptr<detail::ModelState> state_;
 };
@@ -184,7 +190,7 @@ template <class ModuleImpl>
 class FlexModel : public FlexModelBase {
  public:
   explicit FlexModel(std::shared_ptr<ModuleImpl> model, FlexModelOptions options = {})
-      : FlexModelBase(model, options), model_(std::move(model)) {}
+      : FlexModelBase(detail::make_native_adapter(model), options), model_(std::move(model)) {}
   explicit FlexModel(const torch::nn::ModuleHolder<ModuleImpl>& model, FlexModelOptions options = {})
       : FlexModel(model.ptr(), options) {}
 

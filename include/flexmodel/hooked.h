@@ -25,8 +25,9 @@ struct Site;
 // Number of FlexModel forwards with module hooks running in this process.
 extern std::atomic<int> hooked_forwards_in_flight;
 
-// The site of `module` in the forward running on this thread, or nullptr.
-Site* find_active_site(const torch::nn::Module* module) noexcept;
+// The site of `module` (a native module, or a TorchScript module object) in
+// the forward running on this thread when it has active hooks, else nullptr.
+Site* find_active_site(const void* module) noexcept;
 bool site_wants_inputs(const Site& site) noexcept;
 bool site_wants_outputs(const Site& site) noexcept;
 void run_input_hooks(Site& site, TensorLeaves& leaves);

@@ -1,0 +1,61 @@
+// FlexModel over TorchScript: the model a C++ user loads from a .pt file,
+// hooked without changing it. Hook points are the names of named_modules().
+//
+//   flexmodel::FlexModel fm(flexmodel::load_torchscript("gpt.pt"));
+//   fm.register_forward_hook(flexmodel::HookFunction("layers.0.mlp"));
+//   torch::IValue logits = fm.forward({tokens});
+//
+// The loaded module is never mutated: the library runs its own copy of the
+// forward graph, with every call to a hooked module inlined into it (so
+// instances that share a class are told apart) and one hook operator at each
+// such call. Switching groups reuses that graph; registering or removing hooks
+// rebuilds it at the next forward. restore() drops it.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/script.h>
+
+#include "flexmodel/flex_model.h"
+
+namespace flexmodel {
+
+namespace detail {
+class ScriptAdapter;
+}
+
+// Loads a TorchScript file (torch.jit.save output); IOError naming the file when
+// it is missing or not TorchScript.
+torch::jit::Module load_torchscript(const std::string& path);
+
+template <>
+class FlexModel<torch::jit::Module> : public FlexModelBase {
+ public:
+  explicit FlexModel(torch::jit::Module module, FlexModelOptions options = {});
+  explicit FlexModel(const std::string& path, FlexModelOptions options = {});
+
+  // Runs the model's forward with the hooks of group "all".
+  torch::IValue forward(std::vector<torch::IValue> inputs);
+  // Runs the model's forward with the hooks of the chosen groups.
+  torch::IValue forward(const Groups& groups, std::vector<torch::IValue> inputs);
+
+  const torch::jit::Module& module() const { return module_; }
+
+ private:
+  FlexModel(torch::jit::Module module, std::shared_ptr<detail::ScriptAdapter> adapter, FlexModelOptions options);
+
+  torch::jit::Module module_;
+  std::shared_ptr<detail::ScriptAdapter> script_;
+};
+
+FlexModel(torch::jit::Module) -> FlexModel<torch::jit::Module>;
+FlexModel(torch::jit::Module, FlexModelOptions) -> FlexModel<torch::jit::Module>;
+FlexModel(const std::string&) -> FlexModel<torch::jit::Module>;
+FlexModel(const std::string&, FlexModelOptions) -> FlexModel<torch::jit::Module>;
+FlexModel(const char*) -> FlexModel<torch::jit::Module>;
+
+using ScriptFlexModel = FlexModel<torch::jit::Module>;
+
+}  // namespace flexmodel

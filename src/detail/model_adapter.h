@@ -1,0 +1,49 @@
+// What FlexModelBase needs to know of one kind of model: its hook points and
+// parameters. One adapter per kind (native torch::nn::Module, TorchScript).
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+namespace flexmodel::detail {
+
+struct HookPoint {
+  const void* key = nullptr;            // identifies the site the model's calls look up
+  torch::nn::Module* module = nullptr;  // the native module, for HookContext; null for TorchScript
+};
+
+// A hook point with hooks registered, and which side of the call they need.
+struct HookPointUse {
+  std::string name;
+  const void* key = nullptr;
+  bool inputs = false;
+  bool outputs = false;
+};
+
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// Up to three of `names` closest to `wanted`, quoted, for "did you mean" messages.
+std::string close_names(const std::string& wanted, const std::vector<std::string>& names);
+
+class ModelAdapter {
+ public:
+  virtual ~ModelAdapter() = default;
+
+  virtual std::vector<std::string> module_names() const = 0;
+  // The hook point of `name`; throws ConfigError naming the module and the fix
+  // when it does not exist or a hook on it could never fire.
+  virtual HookPoint hook_point(const std::string& name) const = 0;
+  // Empty when hooks on `name` can fire, else why not and the fix.
+  virtual std::string unhookable_reason(const std::string& name) const = 0;
+  virtual NamedTensors named_parameters() const = 0;
+  virtual NamedTensors named_buffers() const = 0;
+  virtual const void* root_key() const = 0;
+  // Called whenever the set of hook points with hooks changes.
+  virtual void hook_points_changed(const std::vector<HookPointUse>& uses) { (void)uses; }
+};
+
+}  // namespace flexmodel::detail

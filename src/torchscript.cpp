@@ -1,0 +1,369 @@
+// TorchScript models: a rewritten copy of the root forward graph in which every
+// call to a hooked module is inlined down to that module's own call site, and
+// one `flexmodel::hook` operator sits on the call's inputs and/or output.
+#include "flexmodel/torchscript.h"
+
+#include <filesystem>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <torch/csrc/jit/api/function_impl.h>
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/runtime/custom_operator.h>
+
+#include "flexmodel/logging.h"
+#include "detail/model_adapter.h"
+
+namespace flexmodel {
+namespace detail {
+namespace {
+
+namespace jit = torch::jit;
+
+// ---- tensors inside IValues -------------------------------------------------
+
+void collect_ivalue_tensors(const c10::IValue& value, std::vector<torch::Tensor>& tensors) {
+  if (value.isTensor()) {
+    tensors.push_back(value.toTensor());
+  } else if (value.isTuple()) {
+    for (const auto& element : value.toTupleRef().elements()) collect_ivalue_tensors(element, tensors);
+  } else if (value.isList()) {
+    for (const auto& element : value.toListRef()) collect_ivalue_tensors(element, tensors);
+  }
+}
+
+c10::IValue rebuild_ivalue(const c10::IValue& value, const std::vector<torch::Tensor>& tensors, std::size_t& next) {
+  if (value.isTensor()) return tensors[next++];
+  if (value.isTuple()) {
+    std::vector<c10::IValue> elements;
+    for (const auto& element : value.toTupleRef().elements()) elements.push_back(rebuild_ivalue(element, tensors, next));
+    auto type = value.toTupleRef().type();
+    return type->schema() ? c10::ivalue::Tuple::createNamed(std::move(elements), type)
+                          : c10::ivalue::Tuple::create(std::move(elements));
+  }
+  if (value.isList()) {
+    auto list = value.toList();
+    c10::impl::GenericList rebuilt(list.elementType());
+    for (const auto& element : value.toListRef()) rebuilt.push_back(rebuild_ivalue(element, tensors, next));
+    return rebuilt;
+  }
+  return value;
+}
+
+// Runs `hooks` on the tensor leaves of `value` and puts edited leaves back.
+template <class Hooks>
+void apply_to_leaves(c10::IValue& value, Hooks&& hooks) {
+  std::vector<torch::Tensor> tensors;
+  collect_ivalue_tensors(value, tensors);
+  const std::vector<torch::Tensor> original = tensors;
+  TensorLeaves leaves;
+  for (auto& tensor : tensors) leaves.push_back(&tensor);
+  hooks(leaves);
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    if (!tensors[i].is_same(original[i])) {
+      std::size_t next = 0;
+      value = rebuild_ivalue(value, tensors, next);
+      return;
+    }
+  }
+}
+
+// ---- the hook operator ------------------------------------------------------
+
+// A flexmodel error thrown inside the interpreter comes out re-wrapped; the
+// original is kept here and rethrown by forward.
+thread_local std::exception_ptr g_error_in_graph;
+
+void run_hook_operator(jit::Stack& stack) {
+  const bool inputs = jit::pop(stack).toBool();
+  const void* key = reinterpret_cast<const void*>(static_cast<std::intptr_t>(jit::pop(stack).toInt()));
+  Site* site = find_active_site(key);
+  if (site == nullptr || !(inputs ? site_wants_inputs(*site) : site_wants_outputs(*site))) return;
+  try {
+    apply_to_leaves(stack.back(), [&](TensorLeaves& leaves) {
+      inputs ? run_input_hooks(*site, leaves) : run_output_hooks(*site, leaves);
+    });
+  } catch (const Error&) {
+    g_error_in_graph = std::current_exception();
+    throw;
+  }
+}
+
+const c10::Symbol kHookSymbol = c10::Symbol::fromQualString("flexmodel::hook");
+
+// JIT-only, so the interpreter calls it directly; conservative aliasing keeps
+// every pass from moving or removing it. Autograd records the edits it makes.
+jit::RegisterOperators g_register_hook_operator({jit::Operator(
+    "flexmodel::hook(Any value, int module, bool inputs) -> Any",
+    [](jit::Stack& stack) { run_hook_operator(stack); }, c10::AliasAnalysisKind::CONSERVATIVE)});
+
+// ---- graph rewriting --------------------------------------------------------
+
+using ModulePaths = std::unordered_map<const jit::Value*, std::string>;
+
+void collect_module_paths(jit::Block* block, ModulePaths& paths) {
+  for (jit::Node* node : block->nodes()) {
+    if (node->kind() == jit::prim::GetAttr) {
+      auto parent = paths.find(node->input(0));
+      auto type = node->output()->type()->cast<c10::ClassType>();
+      if (parent != paths.end() && type && type->is_module()) {
+        const std::string& attribute = node->s(jit::attr::name);
+        paths[node->output()] = parent->second.empty() ? attribute : parent->second + "." + attribute;
+      }
+    }
+    for (jit::Block* inner : node->blocks()) collect_module_paths(inner, paths);
+  }
+}
+
+ModulePaths module_paths(jit::Graph& graph) {
+  ModulePaths paths{{graph.inputs()[0], ""}};
+  collect_module_paths(graph.block(), paths);
+  return paths;
+}
+
+bool is_strict_ancestor(const std::string& ancestor, const std::string& path) {
+  if (ancestor.size() >= path.size()) return false;
+  return ancestor.empty() || (path.compare(0, ancestor.size(), ancestor) == 0 && path[ancestor.size()] == '.');
+}
+
+template <class Visit>
+void for_each_call(jit::Block* block, Visit&& visit) {
+  for (jit::Node* node : block->nodes()) {
+    if (node->kind() == jit::prim::CallMethod) visit(node);
+    for (jit::Block* inner : node->blocks()) for_each_call(inner, visit);
+  }
+}
+
+// The first call whose receiver lies above a hooked module, or nullptr.
+jit::Node* call_towards(jit::Graph& graph, const std::vector<HookPointUse>& uses) {
+  ModulePaths paths = module_paths(graph);
+  jit::Node* found = nullptr;
+  for_each_call(graph.block(), [&](jit::Node* call) {
+    if (found != nullptr) return;
+    auto receiver = paths.find(call->input(0));
+    if (receiver == paths.end()) return;
+    for (const auto& use : uses) {
+      if (is_strict_ancestor(receiver->second, use.name)) {
+        found = call;
+        return;
+      }
+    }
+  });
+  return found;
+}
+
+jit::Value* insert_hook(jit::Graph& graph, jit::Value* value, const void* key, bool inputs) {
+  jit::Value* module = graph.insertConstant(static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(key)));
+  jit::Value* side = graph.insertConstant(inputs);
+  jit::Node* hook = graph.insertNode(graph.create(kHookSymbol, {value, module, side}, 1));
+  hook->output()->setType(value->type());
+  return hook->output();
+}
+
+void instrument_call(jit::Graph& graph, jit::Node* call, const HookPointUse& use) {
+  if (use.inputs) {
+    jit::WithInsertPoint before(call);
+    std::vector<jit::Value*> arguments(call->inputs().begin() + 1, call->inputs().end());
+    jit::Value* packed = graph.insertNode(graph.createTuple(arguments))->output();
+    jit::Node* unpacked = graph.insertNode(graph.createTupleUnpack(insert_hook(graph, packed, use.key, true)));
+    for (std::size_t i = 0; i < arguments.size(); ++i) call->replaceInput(i + 1, unpacked->output(i));
+  }
+  if (use.outputs) {
+    jit::WithInsertPoint after(call->next());
+    jit::Value* output = call->output();
+    jit::Value* hooked = insert_hook(graph, output, use.key, false);
+    output->replaceAllUsesAfterNodeWith(hooked->node(), hooked);
+  }
+}
+
+}  // namespace
+
+class ScriptAdapter final : public ModelAdapter {
+ public:
+  ScriptAdapter(torch::jit::Module module, std::string model_name)
+      : module_(std::move(module)), model_name_(std::move(model_name)) {
+    for (const auto& named : module_.named_modules()) modules_.emplace(named.name, named.value);
+  }
+
+  std::vector<std::string> module_names() const override {
+    std::vector<std::string> names;
+    for (const auto& named : module_.named_modules()) names.push_back(named.name);
+    return names;
+  }
+
+  HookPoint hook_point(const std::string& name) const override {
+    auto found = modules_.find(name);
+    FLEXMODEL_CHECK(found != modules_.end(), ConfigError, "no module named '", name, "' in ", model_name_,
+                    "; close names: ", close_names(name, module_names()));
+    std::string reason = unhookable_reason(name);
+    FLEXMODEL_CHECK(reason.empty(), ConfigError, "module '", name, "' of ", model_name_, " ", reason);
+    return HookPoint{found->second._ivalue().get(), nullptr};
+  }
+
+  std::string unhookable_reason(const std::string& name) const override {
+    auto found = modules_.find(name);
+    if (found == modules_.end() || found->second.find_method("forward")) return {};
+    return concat("(", found->second.type()->name()->name(),
+                  ") has no forward method (a container such as ModuleList); hook its children instead");
+  }
+
+  NamedTensors named_parameters() const override {
+    NamedTensors out;
+    for (const auto& named : module_.named_parameters(true)) out.emplace_back(named.name, named.value);
+    return out;
+  }
+
+  NamedTensors named_buffers() const override {
+    NamedTensors out;
+    for (const auto& named : module_.named_buffers(true)) out.emplace_back(named.name, named.value);
+    return out;
+  }
+
+  const void* root_key() const override { return module_._ivalue().get(); }
+
+  void hook_points_changed(const std::vector<HookPointUse>& uses) override {
+    uses_.clear();
+    for (const auto& use : uses) {
+      if (use.key != root_key()) uses_.push_back(use);
+    }
+    function_.reset();
+    stale_ = true;
+  }
+
+  // The instrumented forward, or nullptr when no submodule has hooks.
+  torch::jit::GraphFunction* function() {
+    if (stale_) compile();
+    return function_.get();
+  }
+
+  const std::string& model_name() const { return model_name_; }
+
+ private:
+  void compile() {
+    stale_ = false;
+    if (uses_.empty()) return;
+    auto graph = module_.get_method("forward").graph()->copy();
+    // Put the hook operators on every call to a hooked module, then inline,
+    // from the unoptimised callee graph, one call above a hooked module (so
+    // each instance gets its own call sites even when classes are shared), and
+    // repeat. A hooked call that is itself inlined keeps its operators around
+    // the inlined body.
+    std::unordered_set<const jit::Node*> instrumented;
+    std::map<std::string, std::size_t> sites_of;
+    while (true) {
+      ModulePaths paths = module_paths(*graph);
+      std::vector<std::pair<jit::Node*, const HookPointUse*>> new_sites;
+      for_each_call(graph->block(), [&](jit::Node* call) {
+        auto receiver = paths.find(call->input(0));
+        if (receiver == paths.end() || call->s(jit::attr::name) != "forward" || instrumented.count(call)) return;
+        for (const auto& use : uses_) {
+          if (use.name == receiver->second) new_sites.emplace_back(call, &use);
+        }
+      });
+      for (const auto& [call, use] : new_sites) {
+        instrument_call(*graph, call, *use);
+        instrumented.insert(call);
+        ++sites_of[use->name];
+      }
+      jit::Node* call = call_towards(*graph, uses_);
+      if (call == nullptr) break;
+      instrumented.erase(call);
+      auto callee_type = call->input(0)->type()->expect<c10::ClassType>();
+      auto& callee = torch::jit::toGraphFunction(callee_type->getMethod(call->s(jit::attr::name)));
+      torch::jit::inlineCallTo(call, &callee, callee.graph().get());
+    }
+    for (const auto& use : uses_) {
+      if (sites_of.count(use.name) == 0) {
+        logger()->warn("module '{}' of {} is never called by forward through a path the library can follow "
+                       "(it may be unused, or called through an interface); its hooks will not fire",
+                       use.name, model_name_);
+      }
+    }
+    graph->lint();
+    function_ = std::make_unique<torch::jit::GraphFunction>("flexmodel_forward", graph, nullptr);
+    logger()->debug("instrumented {} call sites of {} hooked modules in {}", instrumented.size(), uses_.size(),
+                    model_name_);
+  }
+
+  torch::jit::Module module_;
+  std::string model_name_;
+  std::map<std::string, torch::jit::Module> modules_;
+  std::vector<HookPointUse> uses_;
+  std::unique_ptr<torch::jit::GraphFunction> function_;
+  bool stale_ = false;
+};
+
+}  // namespace detail
+
+torch::jit::Module load_torchscript(const std::string& path) {
+  std::error_code error;
+  FLEXMODEL_CHECK(std::filesystem::is_regular_file(path, error), IOError, "TorchScript file '", path,
+                  "' does not exist or is not a regular file");
+  try {
+    return torch::jit::load(path);
+  } catch (const c10::Error& cause) {
+    std::string reason = cause.what_without_backtrace();
+    FLEXMODEL_FAIL(IOError, "'", path, "' is not a TorchScript file (expected the output of torch.jit.save): ",
+                   reason.substr(0, reason.find('\n')));
+  }
+}
+
+namespace {
+std::string describe_module(const torch::jit::Module& module) {
+  auto name = module.type()->name();
+  return detail::concat("TorchScript model ", name ? name->qualifiedName() : std::string("(unnamed)"));
+}
+}  // namespace
+
+FlexModel<torch::jit::Module>::FlexModel(torch::jit::Module module, FlexModelOptions options)
+    : FlexModel(module, std::make_shared<detail::ScriptAdapter>(module, describe_module(module)), options) {}
+
+FlexModel<torch::jit::Module>::FlexModel(const std::string& path, FlexModelOptions options)
+    : FlexModel(load_torchscript(path), options) {}
+
+FlexModel<torch::jit::Module>::FlexModel(torch::jit::Module module, std::shared_ptr<detail::ScriptAdapter> adapter,
+                                         FlexModelOptions options)
+    : FlexModelBase(adapter, options), module_(std::move(module)), script_(std::move(adapter)) {}
+
+torch::IValue FlexModel<torch::jit::Module>::forward(std::vector<torch::IValue> inputs) {
+  return forward(Groups{}, std::move(inputs));
+}
+
+torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::vector<torch::IValue> inputs) {
+  ForwardScope scope(*this, groups);
+  detail::Site* root = scope.root_site();
+  if (root != nullptr && detail::site_wants_inputs(*root)) {
+    c10::IValue packed = c10::ivalue::Tuple::create(std::move(inputs));
+    detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { detail::run_input_hooks(*root, leaves); });
+    inputs = packed.toTupleRef().elements().vec();
+  }
+  torch::IValue output;
+  detail::g_error_in_graph = nullptr;
+  try {
+    if (torch::jit::GraphFunction* function = script_->function()) {
+      torch::jit::Stack stack;
+      stack.reserve(inputs.size() + 1);
+      stack.emplace_back(module_._ivalue());
+      for (auto& input : inputs) stack.push_back(std::move(input));
+      function->run(stack);
+      output = std::move(stack.back());
+    } else {
+      output = module_.get_method("forward")(std::move(inputs));
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& cause) {
+    if (auto original = std::exchange(detail::g_error_in_graph, nullptr)) std::rethrow_exception(original);
+    const c10::Error* torch_error = dynamic_cast<const c10::Error*>(&cause);
+    std::string reason = torch_error != nullptr ? torch_error->what_without_backtrace() : cause.what();
+    FLEXMODEL_FAIL(ShapeError, "the forward of ", script_->model_name(), " rejected its input: ",
+                   reason.substr(0, reason.find('\n')));
+  }
+  if (root != nullptr && detail::site_wants_outputs(*root)) {
+    detail::apply_to_leaves(output, [&](detail::TensorLeaves& leaves) { detail::run_output_hooks(*root, leaves); });
+  }
+  scope.commit();
+  return output;
+}
+
+}  // namespace flexmodel
