@@ -191,6 +191,24 @@ torch::Tensor snapshot_copy(const torch::Tensor& tensor) {
 
 }  // namespace detail
 
+std::string dtype_name(c10::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kBool: return "bool";
+    case torch::kUInt8: return "uint8";
+    case torch::kInt8: return "int8";
+    case torch::kInt16: return "int16";
+    case torch::kInt32: return "int32";
+    case torch::kInt64: return "int64";
+    case torch::kFloat16: return "float16";
+    case torch::kBFloat16: return "bfloat16";
+    case torch::kFloat32: return "float32";
+    case torch::kFloat64: return "float64";
+    case torch::kComplexFloat: return "complex64";
+    case torch::kComplexDouble: return "complex128";
+    default: return c10::toString(dtype);
+  }
+}
+
 OutputMap::Series& OutputMap::series(const std::string& module_name, HookType type) {
   std::lock_guard lock(mutex_);
   return series_[Key(module_name, type)];

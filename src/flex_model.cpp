@@ -215,12 +215,28 @@ void attach_gradient_hook(const std::shared_ptr<HookRecord>& record, torch::Tens
   });
 }
 
+// Calls `apply` on the leaf the hook's unpack_idx names, or on every defined leaf.
+template <class Apply>
+void for_each_chosen_leaf(const HookRecord& record, TensorLeaves& leaves, Apply&& apply) {
+  if (record.function.unpack_idx() != HookFunction::kAllLeaves) {
+    apply(leaf_at(record, leaves));
+    return;
+  }
+  for (torch::Tensor* leaf : leaves) {
+    if (leaf->defined()) apply(*leaf);
+  }
+}
+
 void run_hooks(ModelState& state, Site& site, HookType value_type, HookType gradient_type, TensorLeaves& leaves) {
   for (const auto& record : site.of(value_type)) {
-    if (record->active) apply_hook(state, *record, leaf_at(*record, leaves), state.step, /*in_forward=*/true);
+    if (!record->active) continue;
+    for_each_chosen_leaf(*record, leaves, [&](torch::Tensor& leaf) {
+      apply_hook(state, *record, leaf, state.step, /*in_forward=*/true);
+    });
   }
   for (const auto& record : site.of(gradient_type)) {
-    if (record->active) attach_gradient_hook(record, leaf_at(*record, leaves), state.step);
+    if (!record->active) continue;
+    for_each_chosen_leaf(*record, leaves, [&](torch::Tensor& leaf) { attach_gradient_hook(record, leaf, state.step); });
   }
 }
 

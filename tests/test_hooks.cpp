@@ -96,6 +96,21 @@ TEST_F(HookTest, UnpackIdxSelectsLeavesOfNestedOutputs) {
   EXPECT_TRUE(torch::equal(out, edited.out));
 }
 
+TEST_F(HookTest, AllLeavesAppliesTheHookToEveryTensor) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("split").unpack_idx(HookFunction::kAllLeaves));
+  fm.register_forward_hook(
+      HookFunction("split", {}, hooks::scale(-1.0)).unpack_idx(HookFunction::kAllLeaves).capture(false));
+  torch::NoGradGuard no_grad;
+  auto out = fm.forward(x);
+  auto ref = compute_by_hand(*net, x);
+  const auto& captured = fm.outputs().at("split");
+  ASSERT_EQ(captured.size(), 3u);
+  EXPECT_TRUE(torch::equal(captured[1], ref.split_plus));
+  auto negated = -ref.split_doubled + (-ref.split_plus) * (-ref.split_minus);
+  EXPECT_TRUE(torch::equal(out, compute_by_hand(*net, x, nullptr, [&](torch::Tensor) { return negated; }).out));
+}
+
 TEST_F(HookTest, BackwardHooksSeeAndEditTheGradientsAutogradComputes) {
   auto weights = torch::randn({5, 3});
   // Reference gradients, by autograd on the hand-written graph.

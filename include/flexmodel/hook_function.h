@@ -136,6 +136,10 @@ EditingFunction to_editing_function(F&& function) {
 
 class HookFunction {
  public:
+  // unpack_idx that applies the hook to every tensor of the input or output,
+  // in depth-first order: one capture (and one edit) per tensor per call.
+  static constexpr std::size_t kAllLeaves = static_cast<std::size_t>(-1);
+
   explicit HookFunction(std::string module_name, ExpectedShape expected_shape = {})
       : module_name_(std::move(module_name)), expected_shape_(std::move(expected_shape)) {}
 

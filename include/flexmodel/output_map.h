@@ -30,6 +30,9 @@ struct PendingSnapshot {
 };
 }  // namespace detail
 
+// numpy's name of a dtype ("float32", "int64", "bool"; "bfloat16" for bfloat16).
+std::string dtype_name(c10::ScalarType dtype);
+
 class OutputMap {
  public:
   using Key = std::pair<std::string, HookType>;

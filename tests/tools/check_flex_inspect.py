@@ -1,0 +1,68 @@
+"""flex-inspect against PyTorch's own hook captures of the exported model.
+
+    check_flex_inspect.py FLEX_INSPECT FIXTURE_DIR
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+DTYPES = {torch.float32: "float32", torch.int64: "int64"}
+
+
+def run(*args):
+    return subprocess.run(list(args), capture_output=True, text=True)
+
+
+def main(tool, fixtures):
+    model = os.path.join(fixtures, "gpt_scripted.pt")
+    tokens = os.path.join(fixtures, "tokens.npy")
+    result = run(tool, model, "--input", tokens, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    modules = {module["name"]: module for module in report["modules"]}
+    reference = torch.jit.load(os.path.join(fixtures, "reference.pt")).tensors
+    checked = 0
+    for key, tensor in reference.items():
+        parts = key.split("|")
+        if len(parts) != 3:
+            continue
+        kind, name, leaf = parts[0], parts[1], int(parts[2])
+        facts = modules[name]["outputs" if kind == "forward" else "inputs"][leaf]
+        assert facts["shape"] == list(tensor.shape), (key, facts, tensor.shape)
+        assert facts["dtype"] == DTYPES[tensor.dtype], (key, facts, tensor.dtype)
+        checked += 1
+    assert checked > 40, checked
+    eager = dict(torch.jit.load(model).named_modules())
+    assert set(modules) == set(eager), set(modules) ^ set(eager)
+    for name, module in modules.items():
+        for parameter, shape in module["parameters"].items():
+            assert list(getattr(eager[name], parameter).shape) == shape, (name, parameter)
+    assert modules["layers"]["hookable"] is False
+
+    table = run(tool, model)
+    assert table.returncode == 0 and "layers.1.mlp.fc_in" in table.stdout, table
+
+    with tempfile.TemporaryDirectory() as scratch:
+        floats = os.path.join(scratch, "floats.npy")
+        np.save(floats, np.zeros((2, 12), dtype=np.float32))
+        garbage = os.path.join(scratch, "garbage.pt")
+        with open(garbage, "w") as handle:
+            handle.write("not a model")
+        for args, needle in [((os.path.join(scratch, "missing.pt"),), "does not exist"),
+                             ((garbage,), "is not a TorchScript file"),
+                             ((model, "--input", floats), "rejected its input"),
+                             ((model, "--input", garbage), "is not a .npy file")]:
+            failed = run(tool, *args)
+            assert failed.returncode != 0, args
+            lines = failed.stderr.strip().splitlines()
+            assert len(lines) == 1 and needle in lines[0], (args, failed.stderr)
+    print(f"flex-inspect: {checked} hook-point facts equal PyTorch's, errors are one line")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
