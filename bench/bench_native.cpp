@@ -1,49 +1,16 @@
-// Costs of hooking native modules. Each benchmark alternates the baseline and
-// the hooked variant inside one loop, so that drift of the machine hits both
-// alike, and reports the medians of both and of their paired difference.
+// Costs of hooking native modules, as paired timings (bench_common.h):
+// baseline = the unwrapped model, variant = the same with hooks.
 // bench/run.sh runs it with repetitions and prints the medians.
-#include <algorithm>
-#include <chrono>
 #include <map>
-#include <vector>
 
-#include <benchmark/benchmark.h>
+#include "bench_common.h"
 
 #include <flexmodel/flexmodel.h>
 #include <flexmodel/models/gpt.h>
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_of(const std::function<void()>& work) {
-  auto start = Clock::now();
-  work();
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-double median(std::vector<double> values) {
-  std::nth_element(values.begin(), values.begin() + values.size() / 2, values.end());
-  return values[values.size() / 2];
-}
-
-// Paired timings: baseline[i] and variant[i] ran back to back.
-struct Paired {
-  std::vector<double> baseline, variant;
-
-  void report(benchmark::State& state, double scale, const char* unit) const {
-    std::vector<double> difference(baseline.size());
-    std::vector<double> ratio(baseline.size());
-    for (std::size_t i = 0; i < baseline.size(); ++i) {
-      difference[i] = variant[i] - baseline[i];
-      ratio[i] = variant[i] / baseline[i];
-    }
-    state.counters[std::string("baseline_") + unit] = median(baseline) * scale;
-    state.counters[std::string("hooked_") + unit] = median(variant) * scale;
-    state.counters[std::string("added_") + unit] = median(difference) * scale;
-    state.counters["added_pct"] = (median(ratio) - 1.0) * 100.0;
-  }
-};
+using flexmodel::bench::Paired;
 
 // A forward that does almost nothing, so the holder's own cost shows.
 struct PassImpl : torch::nn::Module {
@@ -61,14 +28,10 @@ void holder_call(benchmark::State& state) {
   auto x = torch::ones({1});
   Paired paired;
   for (auto _ : state) {
-    paired.baseline.push_back(seconds_of([&] {
-      for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(plain(x));
-    }) / kCalls);
-    paired.variant.push_back(seconds_of([&] {
-      for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(hookable(x));
-    }) / kCalls);
+    paired.run([&] { for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(plain(x)); },
+               [&] { for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(hookable(x)); });
   }
-  paired.report(state, 1e9, "ns");
+  paired.report(state, 1e9 / kCalls, "ns");
 }
 BENCHMARK(holder_call)->Unit(benchmark::kMicrosecond);
 
@@ -85,8 +48,7 @@ void linear_chain(benchmark::State& state) {
   fm.create_hook_group("every", "*");
   Paired paired;
   for (auto _ : state) {
-    paired.baseline.push_back(seconds_of([&] { benchmark::DoNotOptimize(chain->forward(x)); }));
-    paired.variant.push_back(seconds_of([&] { benchmark::DoNotOptimize(fm.forward(x)); }));
+    paired.run([&] { benchmark::DoNotOptimize(chain->forward(x)); }, [&] { benchmark::DoNotOptimize(fm.forward(x)); });
     state.PauseTiming();
     fm.outputs().clear();
     state.ResumeTiming();
@@ -108,8 +70,7 @@ flexmodel::models::GPT& model_of(const flexmodel::models::GPTOptions& options) {
 }
 
 // A forward of a 12-layer GPT, unwrapped against 24 retrieval hooks (every
-// attention and MLP output); ms per forward. The pairs run in ABBA order so
-// that whichever goes second gains nothing. Args: batch, sequence.
+// attention and MLP output); ms per forward. Args: batch, sequence.
 void gpt_forward(benchmark::State& state, const flexmodel::models::GPTOptions& options) {
   torch::NoGradGuard no_grad;
   auto& model = model_of(options);
@@ -119,19 +80,10 @@ void gpt_forward(benchmark::State& state, const flexmodel::models::GPTOptions& o
   state.counters["hooks"] = static_cast<double>(hooks.size() + mlp.size());
   torch::manual_seed(1);
   auto tokens = torch::randint(0, options.vocab_size(), {state.range(0), state.range(1)});
-  auto plain = [&] { return seconds_of([&] { benchmark::DoNotOptimize(model->forward(tokens)); }); };
-  auto hooked = [&] { return seconds_of([&] { benchmark::DoNotOptimize(fm.forward(tokens)); }); };
   Paired paired;
-  bool plain_first = true;
   for (auto _ : state) {
-    if (plain_first) {
-      paired.baseline.push_back(plain());
-      paired.variant.push_back(hooked());
-    } else {
-      paired.variant.push_back(hooked());
-      paired.baseline.push_back(plain());
-    }
-    plain_first = !plain_first;
+    paired.run([&] { benchmark::DoNotOptimize(model->forward(tokens)); },
+               [&] { benchmark::DoNotOptimize(fm.forward(tokens)); });
     state.PauseTiming();
     fm.outputs().clear();
     state.ResumeTiming();

@@ -1,4 +1,4 @@
-"""Prints the median of every counter of a Google Benchmark JSON report."""
+"""Prints the median of every counter of Google Benchmark JSON reports."""
 import json
 import sys
 
@@ -7,9 +7,12 @@ SKIP = {"name", "run_name", "run_type", "repetitions", "repetition_index", "thre
         "per_family_instance_index"}
 
 
-def main(path):
+def summarize(path):
     with open(path) as handle:
-        report = json.load(handle)
+        text = handle.read()
+    if not text.strip():  # a filter that matched nothing in this program
+        return
+    report = json.loads(text)
     context = report["context"]
     print(f"# {context.get('host_name', '?')}, {context.get('num_cpus', '?')} CPUs, {context.get('date', '')}")
     for run in report["benchmarks"]:
@@ -21,4 +24,5 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for report_path in sys.argv[1:]:
+        summarize(report_path)

@@ -32,6 +32,7 @@ struct HookRecord {
   OutputMap::Series* series = nullptr;
   torch::Tensor parameter;
   unsigned parameter_hook_index = 0;
+  std::size_t index = 0;  // position in ModelState::records
   bool active = true;
   bool fired = false;
   bool warned_unfired = false;
@@ -43,6 +44,7 @@ struct Site {
   std::string module_name;
   torch::nn::Module* module = nullptr;
   std::array<std::vector<std::shared_ptr<HookRecord>>, kModuleHookTypes> hooks;
+  std::size_t index = 0;  // position in ModelState::site_list
   bool wants_inputs = false;
   bool wants_outputs = false;
 
@@ -63,10 +65,28 @@ struct ModelState {
   OutputMap outputs;
   std::int64_t step = 0;
 
-  // The selection applied last, so that a repeated one costs nothing.
-  std::vector<std::string> selected_names;
-  bool selected_complement = false;
-  bool selection_valid = false;
+  // Which hooks and sites each group selection activates, computed once per
+  // selection and dropped when hooks or memberships change, so that switching
+  // groups between forwards only copies flags.
+  struct Selection {
+    std::vector<char> hook_active;  // by HookRecord::index
+    std::vector<char> site_inputs, site_outputs;  // by Site::index
+    bool any_active_site = false;
+    bool checked_unfired = false;
+  };
+  std::map<std::pair<std::vector<std::string>, bool>, Selection> selections;
+  std::vector<HookRecord*> records;
+  std::vector<Site*> site_list;
+  // Open-addressing table from module key to site: every hookable call of a
+  // hooked forward probes it, so it stays small and contiguous.
+  struct SiteSlot {
+    const void* key = nullptr;
+    Site* site = nullptr;
+  };
+  std::vector<SiteSlot> site_table;
+  unsigned site_table_shift = 64;
+  const Selection* applied = nullptr;
+  bool selections_valid = false;
   bool any_active_site = false;
   bool check_unfired = false;
 
@@ -253,12 +273,20 @@ std::string close_names(const std::string& wanted, const std::vector<std::string
   return out.empty() ? "(the model has none)" : out;
 }
 
+std::size_t site_slot(const void* key, unsigned shift) noexcept {
+  return static_cast<std::size_t>((reinterpret_cast<std::uintptr_t>(key) >> 4) * 0x9E3779B97F4A7C15ull >> shift);
+}
+
 Site* find_active_site(const void* module) noexcept {
   ModelState* state = g_current_forward;
-  if (state == nullptr) return nullptr;
-  auto found = state->sites.find(module);
-  if (found == state->sites.end() || !(found->second.wants_inputs || found->second.wants_outputs)) return nullptr;
-  return &found->second;
+  if (state == nullptr || state->site_table.empty()) return nullptr;
+  const auto& table = state->site_table;
+  const std::size_t mask = table.size() - 1;
+  for (std::size_t slot = site_slot(module, state->site_table_shift);; slot = (slot + 1) & mask) {
+    const auto& entry = table[slot];
+    if (entry.key == module) return entry.site->wants_inputs || entry.site->wants_outputs ? entry.site : nullptr;
+    if (entry.key == nullptr) return nullptr;
+  }
 }
 
 bool site_wants_inputs(const Site& site) noexcept { return site.wants_inputs; }
@@ -374,7 +402,7 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
   }
   state.hooks.emplace(record->id, record);
   ++state.next_id;
-  state.selection_valid = false;
+  state.selections_valid = false;
   if (type != HookType::tensor) announce_hook_points();
   logger()->debug("registered {} hook on '{}'", to_string(type), name);
   return record->handle();
@@ -412,7 +440,7 @@ void FlexModelBase::remove_hook(const HookHandle& handle) {
   const bool module_hook = record.type != HookType::tensor;
   detach_record(state, record);
   state.hooks.erase(handle.id);
-  state.selection_valid = false;
+  state.selections_valid = false;
   if (module_hook) announce_hook_points();
 }
 
@@ -423,7 +451,7 @@ void FlexModelBase::restore() {
   state.hooks.clear();
   state.sites.clear();
   state.groups = {kAllGroup};
-  state.selection_valid = false;
+  state.selections_valid = false;
   announce_hook_points();
 }
 
@@ -479,7 +507,7 @@ void FlexModelBase::update_hook_groups(const std::vector<HookHandle>& hooks, con
   for (const auto& handle : hooks) records.push_back(&find_record(state, handle));
   for (HookRecord* record : records) record->groups.insert(group);
   state.groups.insert(group);
-  state.selection_valid = false;
+  state.selections_valid = false;
 }
 
 void FlexModelBase::update_hook_groups(const HookHandle& hook, const std::string& group) {
@@ -516,7 +544,7 @@ void FlexModelBase::remove_hook_groups(const std::vector<HookHandle>& hooks, con
   for (HookRecord* record : records) {
     for (const auto& group : groups) record->groups.erase(group);
   }
-  state.selection_valid = false;
+  state.selections_valid = false;
 }
 
 void FlexModelBase::remove_hook_groups(const HookHandle& hook, const std::set<std::string>& groups) {
@@ -586,34 +614,79 @@ torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const
 
 namespace {
 
+void build_site_table(ModelState& state) {
+  state.site_table.clear();
+  if (state.sites.empty()) return;
+  unsigned bits = 1;
+  while ((std::size_t{1} << bits) < 2 * state.sites.size()) ++bits;
+  state.site_table.resize(std::size_t{1} << bits);
+  state.site_table_shift = 64 - bits;
+  const std::size_t mask = state.site_table.size() - 1;
+  for (auto& [key, site] : state.sites) {
+    std::size_t slot = detail::site_slot(key, state.site_table_shift);
+    while (state.site_table[slot].key != nullptr) slot = (slot + 1) & mask;
+    state.site_table[slot] = ModelState::SiteSlot{key, &site};
+  }
+}
+
+ModelState::Selection compute_selection(const ModelState& state, const Groups& groups) {
+  ModelState::Selection selection;
+  for (const HookRecord* record : state.records) {
+    const bool chosen = std::any_of(groups.names.begin(), groups.names.end(),
+                                    [&](const std::string& name) { return record->groups.count(name) != 0; });
+    selection.hook_active.push_back(chosen != groups.complemented);
+  }
+  for (const Site* site : state.site_list) {
+    auto any_active = [&](HookType type) {
+      const auto& list = site->hooks[static_cast<std::size_t>(type)];
+      return std::any_of(list.begin(), list.end(),
+                         [&](const auto& record) { return selection.hook_active[record->index] != 0; });
+    };
+    selection.site_inputs.push_back(any_active(HookType::forward_pre) || any_active(HookType::full_backward));
+    selection.site_outputs.push_back(any_active(HookType::forward) || any_active(HookType::full_backward_pre));
+    selection.any_active_site = selection.any_active_site || selection.site_inputs.back() || selection.site_outputs.back();
+  }
+  return selection;
+}
+
 void apply_selection(ModelState& state, const Groups& groups) {
   for (const auto& name : groups.names) {
     FLEXMODEL_CHECK(state.groups.count(name) != 0, ConfigError, "forward: no hook group '", name,
                     "'; groups: ", detail::list_text(state.groups));
   }
-  if (state.selection_valid && state.selected_names == groups.names &&
-      state.selected_complement == groups.complemented) {
-    return;
+  if (!state.selections_valid) {
+    state.selections.clear();
+    state.records.clear();
+    for (auto& [id, record] : state.hooks) {
+      record->index = state.records.size();
+      state.records.push_back(record.get());
+    }
+    state.site_list.clear();
+    for (auto& [key, site] : state.sites) {
+      site.index = state.site_list.size();
+      state.site_list.push_back(&site);
+    }
+    build_site_table(state);
+    state.applied = nullptr;
+    state.selections_valid = true;
   }
-  for (auto& [id, record] : state.hooks) {
-    bool chosen = std::any_of(groups.names.begin(), groups.names.end(),
-                              [&](const std::string& name) { return record->groups.count(name) != 0; });
-    record->active = chosen != groups.complemented;
+  auto key = std::make_pair(groups.names, groups.complemented);
+  auto found = state.selections.find(key);
+  if (found == state.selections.end()) found = state.selections.emplace(key, compute_selection(state, groups)).first;
+  ModelState::Selection& selection = found->second;
+  if (state.applied != &selection) {
+    for (HookRecord* record : state.records) record->active = selection.hook_active[record->index] != 0;
+    for (Site* site : state.site_list) {
+      site->wants_inputs = selection.site_inputs[site->index] != 0;
+      site->wants_outputs = selection.site_outputs[site->index] != 0;
+    }
+    state.any_active_site = selection.any_active_site;
+    state.applied = &selection;
   }
-  state.any_active_site = false;
-  for (auto& [module, site] : state.sites) {
-    auto any_active = [&](HookType type) {
-      const auto& list = site.of(type);
-      return std::any_of(list.begin(), list.end(), [](const auto& record) { return record->active; });
-    };
-    site.wants_inputs = any_active(HookType::forward_pre) || any_active(HookType::full_backward);
-    site.wants_outputs = any_active(HookType::forward) || any_active(HookType::full_backward_pre);
-    state.any_active_site = state.any_active_site || site.wants_inputs || site.wants_outputs;
+  if (!selection.checked_unfired) {
+    selection.checked_unfired = true;
+    state.check_unfired = true;
   }
-  state.selected_names = groups.names;
-  state.selected_complement = groups.complemented;
-  state.selection_valid = true;
-  state.check_unfired = true;
 }
 
 // A hook that never fires is almost always a module called around the library

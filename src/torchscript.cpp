@@ -74,15 +74,27 @@ void apply_to_leaves(c10::IValue& value, Hooks&& hooks) {
 // original is kept here and rethrown by forward.
 thread_local std::exception_ptr g_error_in_graph;
 
+// The operator's constant: the module object's address, with the lowest bit
+// set for the call's inputs (objects are aligned, so that bit is free).
+std::int64_t hook_point_id(const void* key, bool inputs) {
+  return static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(key) | (inputs ? 1 : 0));
+}
+
 void run_hook_operator(jit::Stack& stack) {
-  const bool inputs = jit::pop(stack).toBool();
-  const void* key = reinterpret_cast<const void*>(static_cast<std::intptr_t>(jit::pop(stack).toInt()));
+  const auto id = static_cast<std::intptr_t>(jit::pop(stack).toInt());
+  const bool inputs = (id & 1) != 0;
+  const void* key = reinterpret_cast<const void*>(id & ~std::intptr_t{1});
   Site* site = find_active_site(key);
   if (site == nullptr || !(inputs ? site_wants_inputs(*site) : site_wants_outputs(*site))) return;
   try {
-    apply_to_leaves(stack.back(), [&](TensorLeaves& leaves) {
-      inputs ? run_input_hooks(*site, leaves) : run_output_hooks(*site, leaves);
-    });
+    auto run = [&](TensorLeaves& leaves) { inputs ? run_input_hooks(*site, leaves) : run_output_hooks(*site, leaves); };
+    if (stack.back().isTensor()) {
+      // The common case needs no unpacking: edit the tensor in its stack slot.
+      TensorLeaves leaves{&stack.back().toTensor()};
+      run(leaves);
+    } else {
+      apply_to_leaves(stack.back(), run);
+    }
   } catch (const Error&) {
     g_error_in_graph = std::current_exception();
     throw;
@@ -94,7 +106,7 @@ const c10::Symbol kHookSymbol = c10::Symbol::fromQualString("flexmodel::hook");
 // JIT-only, so the interpreter calls it directly; conservative aliasing keeps
 // every pass from moving or removing it. Autograd records the edits it makes.
 jit::RegisterOperators g_register_hook_operator({jit::Operator(
-    "flexmodel::hook(Any value, int module, bool inputs) -> Any",
+    "flexmodel::hook(Any value, int hook_point) -> Any",
     [](jit::Stack& stack) { run_hook_operator(stack); }, c10::AliasAnalysisKind::CONSERVATIVE)});
 
 // ---- graph rewriting --------------------------------------------------------
@@ -153,9 +165,8 @@ jit::Node* call_towards(jit::Graph& graph, const std::vector<HookPointUse>& uses
 }
 
 jit::Value* insert_hook(jit::Graph& graph, jit::Value* value, const void* key, bool inputs) {
-  jit::Value* module = graph.insertConstant(static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(key)));
-  jit::Value* side = graph.insertConstant(inputs);
-  jit::Node* hook = graph.insertNode(graph.create(kHookSymbol, {value, module, side}, 1));
+  jit::Value* hook_point = graph.insertConstant(hook_point_id(key, inputs));
+  jit::Node* hook = graph.insertNode(graph.create(kHookSymbol, {value, hook_point}, 1));
   hook->output()->setType(value->type());
   return hook->output();
 }

@@ -1,0 +1,117 @@
+// Costs of hooking TorchScript models, as paired timings (bench_common.h).
+// The models come from tests/fixtures/make_fixtures.py --gpt2-small --chain,
+// in the folder named by FLEXMODEL_BENCH_MODELS (bench/run.sh makes them).
+#include <cstdlib>
+
+#include <flexmodel/flexmodel.h>
+#include <flexmodel/torchscript.h>
+
+#include "bench_common.h"
+
+namespace {
+
+using flexmodel::bench::Paired;
+
+std::string model_path(const std::string& file) {
+  const char* folder = std::getenv("FLEXMODEL_BENCH_MODELS");
+  if (folder == nullptr) throw std::runtime_error("set FLEXMODEL_BENCH_MODELS (bench/run.sh does)");
+  return std::string(folder) + "/" + file;
+}
+
+torch::jit::Module& loaded(const std::string& file) {
+  static std::map<std::string, torch::jit::Module> models;
+  auto found = models.find(file);
+  if (found == models.end()) found = models.emplace(file, flexmodel::load_torchscript(model_path(file))).first;
+  return found->second;
+}
+
+// The executor profiles and optimises over the first runs; time after that.
+template <class Run>
+void warm_up(Run&& run) {
+  for (int i = 0; i < 5; ++i) run();
+}
+
+// GPT-2-small-shaped TorchScript model: module.forward against 24 retrieval
+// hooks (every attention and MLP output); ms per forward. Args: batch, sequence.
+void script_gpt2_small_forward(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  auto& module = loaded("gpt2_small_scripted.pt");
+  flexmodel::ScriptFlexModel fm(module);
+  auto attention = fm.create_hook_group("attn", "layers.*.attn");
+  auto mlp = fm.create_hook_group("mlp", "layers.*.mlp");
+  state.counters["hooks"] = static_cast<double>(attention.size() + mlp.size());
+  torch::manual_seed(1);
+  std::vector<torch::IValue> tokens{torch::randint(0, 50257, {state.range(0), state.range(1)})};
+  auto plain = [&] { benchmark::DoNotOptimize(module.forward(tokens)); };
+  auto hooked = [&] { benchmark::DoNotOptimize(fm.forward(tokens)); };
+  warm_up([&] { plain(), hooked(); });
+  Paired paired;
+  for (auto _ : state) {
+    paired.run(plain, hooked);
+    state.PauseTiming();
+    fm.outputs().clear();
+    state.ResumeTiming();
+  }
+  paired.report(state, 1e3, "ms");
+}
+BENCHMARK(script_gpt2_small_forward)
+    ->ArgNames({"batch", "seq"})
+    ->Args({1, 1})
+    ->Args({4, 128})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5.0);
+
+// 1000 × Linear(8, 8) scripted as an nn.Sequential, batch 1: module.forward
+// against a retrieval hook on every layer; µs per forward and per hooked call.
+void script_linear_chain(benchmark::State& state) {
+  constexpr int kLayers = 1000;
+  torch::NoGradGuard no_grad;
+  auto& module = loaded("chain_scripted.pt");
+  flexmodel::ScriptFlexModel fm(module);
+  fm.create_hook_group("every", "*");
+  std::vector<torch::IValue> x{torch::randn({1, 8})};
+  auto plain = [&] { benchmark::DoNotOptimize(module.forward(x)); };
+  auto hooked = [&] { benchmark::DoNotOptimize(fm.forward(x)); };
+  warm_up([&] { plain(), hooked(); });
+  Paired paired;
+  for (auto _ : state) {
+    paired.run(plain, hooked);
+    state.PauseTiming();
+    fm.outputs().clear();
+    state.ResumeTiming();
+  }
+  paired.report(state, 1e6, "us");
+  state.counters["added_us_per_hooked_call"] = state.counters["added_us"] / kLayers;
+}
+BENCHMARK(script_linear_chain)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+
+// Forwards that alternate between two hook groups against forwards that repeat
+// one group: the instrumented graph is built once, so both cost the same.
+void script_alternating_groups(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  auto& module = loaded("chain_scripted.pt");
+  flexmodel::ScriptFlexModel fm(module);
+  auto every = fm.create_hook_group("every", "*");
+  for (std::size_t i = 0; i < every.size(); ++i) fm.update_hook_groups(every[i], i % 2 == 0 ? "even" : "odd");
+  std::vector<torch::IValue> x{torch::randn({1, 8})};
+  bool odd = false;
+  auto steady = [&] { benchmark::DoNotOptimize(fm.forward(flexmodel::Groups{"even"}, x)); };
+  auto alternating = [&] {
+    benchmark::DoNotOptimize(fm.forward(flexmodel::Groups{odd ? "odd" : "even"}, x));
+    odd = !odd;
+  };
+  warm_up([&] { steady(), alternating(); });
+  Paired paired;
+  for (auto _ : state) {
+    paired.run(steady, alternating);
+    state.PauseTiming();
+    fm.outputs().clear();
+    state.ResumeTiming();
+  }
+  paired.report(state, 1e6, "us");
+}
+BENCHMARK(script_alternating_groups)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+
+}  // namespace
+
+BENCHMARK_MAIN();

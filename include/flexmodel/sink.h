@@ -1,0 +1,30 @@
+// Where captured activations go besides (or instead of) the output map.
+// A FlexModel hands every sink each forward's snapshots when the forward has
+// succeeded, then ends the step; a sink may write them in the background.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <torch/types.h>
+
+#include "flexmodel/hook_function.h"
+
+namespace flexmodel {
+
+class Sink {
+ public:
+  virtual ~Sink() = default;
+
+  // One snapshot (detached, on the CPU, never written to by anyone else) of
+  // `module_name`'s `type` hook in forward `step`.
+  virtual void write(const std::string& module_name, HookType type, std::int64_t step,
+                     const torch::Tensor& snapshot) = 0;
+  // Forward `step` is complete: everything written for it may be made durable.
+  virtual void end_step(std::int64_t step) { (void)step; }
+  // Makes everything durable and releases the sink's resources; rethrows an
+  // error a background write met. Further writes are errors.
+  virtual void close() {}
+};
+
+}  // namespace flexmodel
