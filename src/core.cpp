@@ -211,7 +211,9 @@ std::string dtype_name(c10::ScalarType dtype) {
 
 OutputMap::Series& OutputMap::series(const std::string& module_name, HookType type) {
   std::lock_guard lock(mutex_);
-  return series_[Key(module_name, type)];
+  Series& found = series_[Key(module_name, type)];
+  found.key = Key(module_name, type);
+  return found;
 }
 
 void OutputMap::append(Series& series, torch::Tensor snapshot) {

@@ -8,6 +8,7 @@
 
 #include <torch/autograd.h>
 
+#include "flexmodel/dist.h"
 #include "flexmodel/logging.h"
 #include "detail/model_adapter.h"
 #include "detail/snapshot.h"
@@ -36,6 +37,7 @@ struct HookRecord {
   bool active = true;
   bool fired = false;
   bool warned_unfired = false;
+  bool remote = false;  // its module lives on another pipeline stage
 
   HookHandle handle() const { return HookHandle{id, function.module_name(), type}; }
 };
@@ -59,6 +61,9 @@ struct ModelState {
   std::unordered_map<const void*, Site> sites;
   std::set<std::string> groups{kAllGroup};
   std::uint64_t next_id = 1;
+
+  std::shared_ptr<dist::Mesh> mesh;  // null in a single process
+  bool distributed() const { return mesh != nullptr && mesh->distributed(); }
 
   SaveContext save_ctx;
   TrainableModules trainable_modules;
@@ -183,14 +188,8 @@ void capture(ModelState& state, HookRecord& record, const torch::Tensor& tensor,
   }
 }
 
-// The pipeline for one hook on one tensor.
-void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
-                bool in_forward) {
-  record.fired = true;
-  check_expected_shape(record, tensor);
-  if (record.function.capture()) capture(state, record, tensor, in_forward);
-  const EditingFunction& edit = record.function.editing_function();
-  if (!edit) return;
+torch::Tensor run_editing_function(ModelState& state, HookRecord& record, const torch::Tensor& tensor,
+                                   std::int64_t step) {
   torch::nn::Module* module = record.site != nullptr ? record.site->module : nullptr;
   HookContext context{record.function.module_name(), record.type, step, module, state.save_ctx,
                       state.trainable_modules};
@@ -198,7 +197,7 @@ void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, st
   {
     NoHooksWhileEditing no_nested_hooks;
     try {
-      edited = edit(tensor, context);
+      edited = record.function.editing_function()(tensor, context);
     } catch (const Error&) {
       throw;
     } catch (const std::exception& cause) {
@@ -206,7 +205,133 @@ void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, st
     }
   }
   check_edit(record, tensor, edited);
-  tensor = std::move(edited);
+  return edited;
+}
+
+// Set on every rank just before a hook error that every rank raises, so that
+// the failing forward need not end the world.
+thread_local bool g_error_raised_on_every_rank = false;
+
+// How a hook's tensor is spread over the mesh: the tensor-parallel dimension
+// (the one whose expected size differs from the local one), and whether its
+// rows are split over data-parallel ranks.
+struct Route {
+  std::int64_t tp_dim = -1;
+  bool gather_dp = false;
+};
+
+Route route_of(const HookRecord& record, const torch::Tensor& local, const dist::Mesh& mesh) {
+  Route route;
+  route.gather_dp = mesh.shape().dp > 1 && record.type != HookType::tensor && local.dim() > 0;
+  const ExpectedShape& expected = record.function.expected_shape();
+  if (expected.empty()) return route;
+  FLEXMODEL_CHECK(static_cast<std::int64_t>(expected.size()) == local.dim(), ShapeError, hook_label(record),
+                  " expected shape ", expected_text(expected), " has ", expected.size(),
+                  " dimensions, the local tensor ", local.sizes(), " has ", local.dim());
+  std::vector<std::int64_t> differing;
+  for (std::int64_t d = 0; d < local.dim(); ++d) {
+    const auto& size = expected[static_cast<std::size_t>(d)];
+    if (size && !(d == 0 && route.gather_dp) && *size != local.size(d)) differing.push_back(d);
+  }
+  FLEXMODEL_CHECK(differing.size() <= 1, ShapeError, hook_label(record), " expected shape ", expected_text(expected),
+                  " differs from the local tensor ", local.sizes(), " in ", differing.size(),
+                  " dimensions; only one dimension can be sharded over tensor-parallel ranks");
+  if (differing.size() == 1) {
+    const std::int64_t d = differing.front();
+    const std::int64_t want = *expected[static_cast<std::size_t>(d)];
+    FLEXMODEL_CHECK(want == local.size(d) * mesh.shape().tp && mesh.shape().tp > 1, ShapeError, hook_label(record),
+                    " expects ", want, " in dimension ", d, " but the local tensor has ", local.size(d),
+                    " and tp is ", mesh.shape().tp, "; a sharded dimension must be local size × tp");
+    route.tp_dim = d;
+  }
+  return route;
+}
+
+bool is_gradient(HookType type) { return type != HookType::forward && type != HookType::forward_pre; }
+
+// Single process: check → capture → edit → check, in place.
+void apply_hook_locally(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
+                        bool in_forward) {
+  check_expected_shape(record, tensor);
+  if (record.function.capture()) capture(state, record, tensor, in_forward);
+  if (record.function.editing_function()) tensor = run_editing_function(state, record, tensor, step);
+}
+
+// Under a mesh: gather (TP, then DP) to the stage leader, which checks,
+// captures and edits; the edit is then scattered back so that every rank
+// continues with its own shard. Only the stage leader runs editing functions.
+void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
+                            bool in_forward) {
+  const dist::Mesh& mesh = *state.mesh;
+  const Route route = route_of(record, tensor, mesh);
+  const bool editing = static_cast<bool>(record.function.editing_function());
+  const double dp_size = static_cast<double>(mesh.shape().dp);
+  // Data-parallel gradients of a mean loss are dp × the whole batch's; the
+  // hook sees the whole batch's, as in one process.
+  const bool scale_gradient = route.gather_dp && is_gradient(record.type);
+
+  std::vector<std::int64_t> tp_sizes, dp_sizes;
+  torch::Tensor stage = tensor;
+  if (route.tp_dim >= 0) {
+    if (editing) tp_sizes = mesh.tp_group().all_gather_ints(tensor.size(route.tp_dim));
+    stage = mesh.tp_group().gather(tensor, route.tp_dim, 0);
+  }
+  torch::Tensor full = stage;
+  if (mesh.tp_rank() == 0 && route.gather_dp) {
+    if (editing) dp_sizes = mesh.dp_group().all_gather_ints(stage.size(0));
+    full = mesh.dp_group().gather(stage, 0, 0);
+  }
+
+  std::string failure;
+  torch::Tensor edited;
+  if (mesh.stage_leader()) {
+    try {
+      if (scale_gradient) full = full / dp_size;
+      check_expected_shape(record, full);
+      if (record.function.capture()) capture(state, record, full, in_forward);
+      if (editing) edited = run_editing_function(state, record, full, step);
+    } catch (const std::exception& error) {
+      // The other ranks wait in the scatter of an edit, or in a later collective.
+      if (!editing) dist::abort_world(error.what());
+      failure = error.what();
+    }
+  }
+  if (!editing) return;
+  if (mesh.tp_rank() == 0) failure = mesh.dp_group().broadcast_string(failure, 0);
+  failure = mesh.tp_group().broadcast_string(failure, 0);
+  if (!failure.empty()) {
+    g_error_raised_on_every_rank = true;
+    throw HookError(failure);
+  }
+  if (mesh.stage_leader() && scale_gradient) edited = edited * dp_size;
+  torch::Tensor local_stage = edited;
+  if (mesh.tp_rank() == 0 && route.gather_dp) {
+    local_stage = mesh.dp_group().scatter(edited, stage, 0, dp_sizes, 0);
+  } else if (mesh.tp_rank() == 0 && mesh.shape().dp > 1) {
+    // Replicated over data-parallel ranks (a parameter's gradient): the leader's edit for all.
+    local_stage = mesh.stage_leader() ? edited.contiguous() : torch::empty_like(stage);
+    mesh.dp_group().broadcast(local_stage, 0);
+  }
+  if (route.tp_dim >= 0) {
+    tensor = mesh.tp_group().scatter(local_stage, tensor, route.tp_dim, tp_sizes, 0);
+  } else if (mesh.shape().tp > 1) {
+    torch::Tensor replica = mesh.tp_rank() == 0 ? local_stage.contiguous() : torch::empty_like(tensor);
+    mesh.tp_group().broadcast(replica, 0);
+    tensor = replica;
+  } else {
+    tensor = local_stage;
+  }
+}
+
+// The pipeline for one hook on one tensor.
+void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
+                bool in_forward) {
+  record.fired = true;
+  if (state.distributed()) {
+    apply_hook_distributed(state, record, tensor, step, in_forward);
+  } else {
+    apply_hook_locally(state, record, tensor, step, in_forward);
+  }
 }
 
 torch::Tensor& leaf_at(const HookRecord& record, TensorLeaves& leaves) {
@@ -310,11 +435,10 @@ using detail::Site;
 
 FlexModelBase::FlexModelBase(std::shared_ptr<detail::ModelAdapter> adapter, FlexModelOptions options)
     : adapter_(std::move(adapter)), options_(options), state_(std::make_unique<ModelState>()) {
-  FLEXMODEL_CHECK(options_.tensor_parallel_size == 1 && options_.pipeline_parallel_size == 1 &&
-                      options_.data_parallel_size == 1,
-                  ConfigError, "parallel sizes (tp ", options_.tensor_parallel_size, ", pp ",
-                  options_.pipeline_parallel_size, ", dp ", options_.data_parallel_size,
-                  ") need a distributed world; this build runs one process, so use sizes (1, 1, 1)");
+  const dist::MeshShape shape{options_.tensor_parallel_size, options_.pipeline_parallel_size,
+                              options_.data_parallel_size};
+  // Sizes (1, 1, 1) keep a FlexModel local to its process, even under mpirun.
+  if (shape.size() != 1) state_->mesh = dist::Mesh::create(shape);
 }
 
 FlexModelBase::~FlexModelBase() {
@@ -375,7 +499,21 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
   record->groups = {kAllGroup};
   record->state = &state;
 
-  if (type == HookType::tensor) {
+  if (state.distributed() && state.mesh->shape().pp > 1) {
+    // Every rank registers every hook; a name lives on one stage. Collective.
+    const bool here = type == HookType::tensor ? find_named(adapter_->named_parameters(), name) != nullptr
+                                               : adapter_->has_module(name);
+    const auto everywhere = state.mesh->world().all_gather_ints(here ? 1 : 0);
+    const bool anywhere = std::any_of(everywhere.begin(), everywhere.end(), [](std::int64_t v) { return v != 0; });
+    FLEXMODEL_CHECK(anywhere, ConfigError, "no ", type == HookType::tensor ? "parameter" : "module", " named '",
+                    name, "' on any pipeline stage; close names on this stage: ",
+                    detail::close_names(name, type == HookType::tensor ? names_of(adapter_->named_parameters())
+                                                                       : adapter_->module_names()));
+    record->remote = !here;
+  }
+  if (record->remote) {
+    // Registered for its groups only: it fires on the stage that holds the module.
+  } else if (type == HookType::tensor) {
     auto parameters = adapter_->named_parameters();
     const torch::Tensor* parameter = find_named(parameters, name);
     FLEXMODEL_CHECK(parameter != nullptr, ConfigError, "register_hook: the model has no parameter '", name,
@@ -403,7 +541,7 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
   state.hooks.emplace(record->id, record);
   ++state.next_id;
   state.selections_valid = false;
-  if (type != HookType::tensor) announce_hook_points();
+  if (type != HookType::tensor && !record->remote) announce_hook_points();
   logger()->debug("registered {} hook on '{}'", to_string(type), name);
   return record->handle();
 }
@@ -411,7 +549,9 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
 namespace {
 
 void detach_record(ModelState& state, HookRecord& record) {
-  if (record.type == HookType::tensor) {
+  if (record.remote) {
+    // Nothing was attached on this stage.
+  } else if (record.type == HookType::tensor) {
     record.parameter.remove_hook(record.parameter_hook_index);
   } else if (record.site != nullptr) {
     auto& list = record.site->of(record.type);
@@ -483,6 +623,22 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
       if (!pattern.matches(name)) continue;
       matches.push_back(name);
       if (!adapter_->unhookable_reason(name).empty()) unhookable.push_back(name);
+    }
+  }
+  if (state_->distributed() && state_->mesh->shape().pp > 1) {
+    // Each stage matches its own modules; every rank registers the union, in stage order.
+    std::string local_names;
+    for (const auto& name : matches) local_names += name + '\n';
+    dist::Communicator& world = state_->mesh->world();
+    const auto lengths = world.all_gather_ints(static_cast<std::int64_t>(local_names.size()));
+    torch::Tensor bytes = world.all_gather(
+        torch::from_blob(local_names.data(), {static_cast<std::int64_t>(local_names.size())}, torch::kUInt8).clone(), 0);
+    const std::string all_names(static_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel()));
+    matches.clear();
+    std::set<std::string> seen;
+    for (std::size_t start = 0, end; (end = all_names.find('\n', start)) != std::string::npos; start = end + 1) {
+      std::string name = all_names.substr(start, end - start);
+      if (seen.insert(name).second) matches.push_back(std::move(name));
     }
   }
   FLEXMODEL_CHECK(!matches.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
@@ -592,22 +748,52 @@ void FlexModelBase::wrapped_module_requires_grad(bool requires_grad) {
 
 torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const ExpectedShape& expected_shape) const {
   auto parameters = adapter_->named_parameters();
-  auto buffers = adapter_->named_buffers();
   const torch::Tensor* parameter = find_named(parameters, name);
-  if (parameter == nullptr) {
-    parameter = find_named(buffers, name);
+  auto buffers = adapter_->named_buffers();
+  if (parameter == nullptr) parameter = find_named(buffers, name);
+  HookRecord shape_check(HookFunction("get_module_parameter('" + name + "')", expected_shape));
+  shape_check.type = HookType::tensor;
+  if (!state_->distributed()) {
     FLEXMODEL_CHECK(parameter != nullptr, ConfigError, "get_module_parameter: the model has no parameter '", name,
                     "'; close names: ", detail::close_names(name, names_of(parameters)));
+    detail::check_expected_shape(shape_check, *parameter);
+    return detail::snapshot_copy(*parameter);
   }
-  if (!expected_shape.empty()) {
-    bool ok = static_cast<std::int64_t>(expected_shape.size()) == parameter->dim();
-    for (std::size_t d = 0; ok && d < expected_shape.size(); ++d) {
-      ok = !expected_shape[d] || *expected_shape[d] == parameter->size(static_cast<std::int64_t>(d));
+  // Collective: the stage holding the parameter gathers its TP shards to its
+  // leader, which hands the whole parameter to rank 0.
+  const dist::Mesh& mesh = *state_->mesh;
+  const auto holders = mesh.world().all_gather_ints(parameter != nullptr ? 1 : 0);
+  const auto first_holder = std::find(holders.begin(), holders.end(), 1);
+  FLEXMODEL_CHECK(first_holder != holders.end(), ConfigError, "get_module_parameter: no pipeline stage has a parameter '",
+                  name, "'; close names on this stage: ", detail::close_names(name, names_of(parameters)));
+  const auto stage_of = [&](std::int64_t rank) { return rank / (mesh.shape().tp * mesh.shape().dp); };
+  const std::int64_t owner_stage = stage_of(first_holder - holders.begin());
+  const int owner_leader = static_cast<int>(owner_stage * mesh.shape().tp * mesh.shape().dp);
+  torch::Tensor full;
+  if (mesh.pp_rank() == owner_stage) {
+    const detail::Route route = detail::route_of(shape_check, *parameter, mesh);
+    full = route.tp_dim >= 0 ? mesh.tp_group().gather(parameter->detach(), route.tp_dim, 0) : parameter->detach();
+    if (mesh.stage_leader()) detail::check_expected_shape(shape_check, full);
+  }
+  if (owner_leader != 0) {
+    if (mesh.rank() == owner_leader) {
+      mesh.world().send(torch::tensor(full.dim()), 0);
+      mesh.world().send(torch::tensor(full.sizes().vec()), 0);
+      mesh.world().send(torch::tensor(static_cast<std::int64_t>(full.scalar_type())), 0);
+      mesh.world().send(full, 0);
+    } else if (mesh.rank() == 0) {
+      torch::Tensor dims_tensor = torch::empty({}, torch::kLong);
+      mesh.world().recv(dims_tensor, owner_leader);
+      const std::int64_t dims = dims_tensor.item<std::int64_t>();
+      torch::Tensor sizes = torch::empty({dims}, torch::kLong), dtype = torch::empty({}, torch::kLong);
+      mesh.world().recv(sizes, owner_leader);
+      mesh.world().recv(dtype, owner_leader);
+      full = torch::empty(c10::IntArrayRef(sizes.data_ptr<std::int64_t>(), static_cast<std::size_t>(dims)),
+                          torch::TensorOptions().dtype(static_cast<c10::ScalarType>(dtype.item<std::int64_t>())));
+      mesh.world().recv(full, owner_leader);
     }
-    FLEXMODEL_CHECK(ok, ShapeError, "get_module_parameter('", name, "'): expected shape ",
-                    detail::expected_text(expected_shape), ", the parameter has ", parameter->sizes());
   }
-  return detail::snapshot_copy(*parameter);
+  return mesh.rank() == 0 ? detail::snapshot_copy(full) : torch::Tensor();
 }
 
 // ---- forward ------------------------------------------------------------
@@ -693,7 +879,10 @@ void apply_selection(ModelState& state, const Groups& groups) {
 // (impl->forward(x) instead of a hookable holder); say so once.
 void warn_unfired(ModelState& state) {
   for (auto& [id, record] : state.hooks) {
-    if (record->type == HookType::tensor || !record->active || record->fired || record->warned_unfired) continue;
+    if (record->type == HookType::tensor || record->remote || !record->active || record->fired ||
+        record->warned_unfired) {
+      continue;
+    }
     record->warned_unfired = true;
     logger()->warn(
         "hook on '{}' ({}) did not fire in forward {}: if the module runs, it is called around the library "
@@ -705,10 +894,89 @@ void warn_unfired(ModelState& state) {
 
 }  // namespace
 
-FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& groups) : state_(*model.state_) {
+namespace {
+
+// Every way the mesh does not fit the model, each with its fix; empty if it fits.
+std::string mesh_violations(const detail::ModelAdapter& adapter, const dist::MeshShape& shape,
+                            std::int64_t batch_rows) {
+  std::string violations;
+  auto add = [&](const std::string& text) { violations += (violations.empty() ? "" : "; ") + text; };
+  if (shape.tp > 1 && !adapter.has_tensor_parallel_layers()) {
+    add(detail::concat("tp = ", shape.tp, " but the model has no tensor-parallel layers (build it from "
+                       "flexmodel::parallel layers, or use tp 1)"));
+  }
+  if (shape.pp > 1 && !adapter.is_pipeline_stage()) {
+    add(detail::concat("pp = ", shape.pp, " but the model is not split into pipeline stages (wrap one "
+                       "flexmodel::parallel stage per rank, or use pp 1)"));
+  }
+  if (shape.dp > 1 && batch_rows >= 0 && batch_rows % shape.dp != 0) {
+    add(detail::concat("dp = ", shape.dp, " does not divide the batch of ", batch_rows,
+                       " rows (use a multiple of ", shape.dp, " rows, or another dp)"));
+  }
+  return violations;
+}
+
+// Pipeline stages: after a forward each stage leader hands its captures to
+// rank 0, which keeps them in stage order, so in forward order.
+void send_captures_to_rank0(ModelState& state) {
+  const dist::Mesh& mesh = *state.mesh;
+  if (mesh.shape().pp == 1 || !mesh.stage_leader()) return;
+  dist::Communicator& world = mesh.world();
+  if (mesh.pp_rank() > 0) {
+    world.send(torch::tensor(static_cast<std::int64_t>(state.pending.size())), 0);
+    for (auto& capture : state.pending) {
+      torch::Tensor tensor = capture.copied.defined() ? capture.copied : detail::materialize(capture.pending);
+      const auto& [name, type] = capture.series->key;
+      std::vector<std::int64_t> header{static_cast<std::int64_t>(name.size()), static_cast<std::int64_t>(type),
+                                       static_cast<std::int64_t>(tensor.scalar_type()), tensor.dim()};
+      for (auto size : tensor.sizes()) header.push_back(size);
+      world.send(torch::tensor(static_cast<std::int64_t>(header.size())), 0);
+      world.send(torch::tensor(header), 0);
+      world.send(torch::from_blob(const_cast<char*>(name.data()), {static_cast<std::int64_t>(name.size())},
+                                  torch::kUInt8),
+                 0);
+      world.send(tensor, 0);
+    }
+    state.pending.clear();
+    return;
+  }
+  auto receive_long = [&](int source) {
+    torch::Tensor value = torch::empty({}, torch::kLong);
+    world.recv(value, source);
+    return value.item<std::int64_t>();
+  };
+  for (std::int64_t stage = 1; stage < mesh.shape().pp; ++stage) {
+    const int source = static_cast<int>(stage * mesh.shape().tp * mesh.shape().dp);
+    const std::int64_t count = receive_long(source);
+    for (std::int64_t i = 0; i < count; ++i) {
+      torch::Tensor header = torch::empty({receive_long(source)}, torch::kLong);
+      world.recv(header, source);
+      const auto* fields = header.data_ptr<std::int64_t>();
+      std::string name(static_cast<std::size_t>(fields[0]), '\0');
+      torch::Tensor name_bytes = torch::from_blob(name.data(), {fields[0]}, torch::kUInt8);
+      world.recv(name_bytes, source);
+      torch::Tensor tensor = torch::empty(c10::IntArrayRef(fields + 4, static_cast<std::size_t>(fields[3])),
+                                          torch::TensorOptions().dtype(static_cast<c10::ScalarType>(fields[2])));
+      world.recv(tensor, source);
+      auto& series = state.outputs.series(name, static_cast<HookType>(fields[1]));
+      state.pending.push_back(OutputMap::Capture{&series, {}, tensor});
+    }
+  }
+}
+
+}  // namespace
+
+FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& groups, std::int64_t batch_rows)
+    : state_(*model.state_), batch_rows_(batch_rows) {
   FLEXMODEL_CHECK(!state_.in_forward, ConfigError,
                   "FlexModel::forward was called while a forward of the same FlexModel runs "
                   "(from a hook, or from another thread); forwards of one FlexModel run one at a time");
+  if (state_.distributed()) {
+    const std::string violations = mesh_violations(*model.adapter_, state_.mesh->shape(), batch_rows);
+    FLEXMODEL_CHECK(violations.empty(), ConfigError, "the mesh (tp ", state_.mesh->shape().tp, ", pp ",
+                    state_.mesh->shape().pp, ", dp ", state_.mesh->shape().dp, ") does not fit the model: ",
+                    violations);
+  }
   apply_selection(state_, groups);
   state_.in_forward = true;
   state_.pending.clear();
@@ -734,10 +1002,52 @@ FlexModelBase::ForwardScope::~ForwardScope() {
 }
 
 void FlexModelBase::ForwardScope::commit() {
+  if (state_.distributed()) {
+    send_captures_to_rank0(state_);
+    // Results land on rank 0 only.
+    if (state_.mesh->rank() != 0) state_.pending.clear();
+  }
   state_.outputs.append_all(state_.pending);
   if (state_.check_unfired) warn_unfired(state_);
   ++state_.step;
   committed_ = true;
+}
+
+void FlexModelBase::ForwardScope::failed(std::exception_ptr error) {
+  // A hook error reaches every rank of its stage; with one stage that is the world.
+  const bool everywhere = std::exchange(detail::g_error_raised_on_every_rank, false) && state_.mesh != nullptr &&
+                          state_.mesh->shape().pp == 1;
+  if (!state_.distributed() || everywhere) return;
+  std::string message = "forward failed";
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& cause) {
+    message = cause.what();
+  } catch (...) {
+  }
+  dist::abort_world(message);
+}
+
+bool FlexModelBase::ForwardScope::splits_batch() const {
+  return state_.distributed() && state_.mesh->shape().dp > 1 && batch_rows_ > 0;
+}
+
+void FlexModelBase::ForwardScope::take_batch_shard(detail::TensorLeaves& inputs) const {
+  const std::int64_t dp = state_.mesh->shape().dp;
+  const std::int64_t rows = batch_rows_ / dp;
+  for (torch::Tensor* input : inputs) {
+    if (input->defined() && input->dim() > 0 && input->size(0) == batch_rows_) {
+      *input = input->narrow(0, state_.mesh->dp_rank() * rows, rows);
+    }
+  }
+}
+
+void FlexModelBase::ForwardScope::gather_batch(detail::TensorLeaves& outputs) const {
+  for (torch::Tensor* output : outputs) {
+    if (!output->defined() || output->dim() == 0) continue;
+    torch::Tensor whole = state_.mesh->dp_group().gather(*output, 0, 0);
+    if (state_.mesh->dp_rank() == 0) *output = whole;
+  }
 }
 
 // ---- the native adapter -------------------------------------------------
@@ -776,6 +1086,17 @@ class NativeAdapter final : public ModelAdapter {
   NamedTensors named_parameters() const override { return to_vector(root_->named_parameters(true)); }
   NamedTensors named_buffers() const override { return to_vector(root_->named_buffers(true)); }
   const void* root_key() const override { return root_.get(); }
+
+  bool has_tensor_parallel_layers() const override {
+    refresh();
+    return std::any_of(modules_.begin(), modules_.end(), [](const auto& item) {
+      return dynamic_cast<const dist::TensorParallelModule*>(item.value().get()) != nullptr;
+    });
+  }
+
+  bool is_pipeline_stage() const override {
+    return dynamic_cast<const dist::PipelineStageModule*>(root_.get()) != nullptr;
+  }
 
  private:
   // The tree is cached; a name it lacks refreshes it once, for trees changed after wrapping.

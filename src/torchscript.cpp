@@ -341,14 +341,41 @@ torch::IValue FlexModel<torch::jit::Module>::forward(std::vector<torch::IValue> 
 }
 
 torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::vector<torch::IValue> inputs) {
-  ForwardScope scope(*this, groups);
-  detail::Site* root = scope.root_site();
-  if (root != nullptr && detail::site_wants_inputs(*root)) {
-    c10::IValue packed = c10::ivalue::Tuple::create(std::move(inputs));
-    detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { detail::run_input_hooks(*root, leaves); });
-    inputs = packed.toTupleRef().elements().vec();
+  c10::IValue packed = c10::ivalue::Tuple::create(std::move(inputs));
+  std::vector<torch::Tensor> input_tensors;
+  detail::collect_ivalue_tensors(packed, input_tensors);
+  std::int64_t batch_rows = -1;
+  for (const auto& tensor : input_tensors) {
+    if (tensor.defined() && tensor.dim() > 0) {
+      batch_rows = tensor.size(0);
+      break;
+    }
   }
-  torch::IValue output;
+  ForwardScope scope(*this, groups, batch_rows);
+  try {
+    if (scope.splits_batch()) {
+      detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { scope.take_batch_shard(leaves); });
+    }
+    detail::Site* root = scope.root_site();
+    if (root != nullptr && detail::site_wants_inputs(*root)) {
+      detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { detail::run_input_hooks(*root, leaves); });
+    }
+    torch::IValue output = run_graph(packed.toTupleRef().elements().vec());
+    if (root != nullptr && detail::site_wants_outputs(*root)) {
+      detail::apply_to_leaves(output, [&](detail::TensorLeaves& leaves) { detail::run_output_hooks(*root, leaves); });
+    }
+    if (scope.splits_batch()) {
+      detail::apply_to_leaves(output, [&](detail::TensorLeaves& leaves) { scope.gather_batch(leaves); });
+    }
+    scope.commit();
+    return output;
+  } catch (...) {
+    scope.failed(std::current_exception());
+    throw;
+  }
+}
+
+torch::IValue FlexModel<torch::jit::Module>::run_graph(std::vector<torch::IValue> inputs) {
   detail::g_error_in_graph = nullptr;
   try {
     if (torch::jit::GraphFunction* function = script_->function()) {
@@ -357,10 +384,9 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
       stack.emplace_back(module_._ivalue());
       for (auto& input : inputs) stack.push_back(std::move(input));
       function->run(stack);
-      output = std::move(stack.back());
-    } else {
-      output = module_.get_method("forward")(std::move(inputs));
+      return std::move(stack.back());
     }
+    return module_.get_method("forward")(std::move(inputs));
   } catch (const Error&) {
     throw;
   } catch (const std::exception& cause) {
@@ -370,11 +396,6 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
     FLEXMODEL_FAIL(ShapeError, "the forward of ", script_->model_name(), " rejected its input: ",
                    reason.substr(0, reason.find('\n')));
   }
-  if (root != nullptr && detail::site_wants_outputs(*root)) {
-    detail::apply_to_leaves(output, [&](detail::TensorLeaves& leaves) { detail::run_output_hooks(*root, leaves); });
-  }
-  scope.commit();
-  return output;
 }
 
 }  // namespace flexmodel

@@ -9,11 +9,13 @@
 
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <initializer_list>
 #include <map>
 #include <memory>
 #include <set>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -158,18 +160,28 @@ class FlexModelBase {
   FlexModelBase(std::shared_ptr<detail::ModelAdapter> adapter, FlexModelOptions options);
 
   // Active for the duration of one forward; commits captures only on success.
+  // `batch_rows` is the first input tensor's dim 0 (-1 if none), for the mesh checks.
   class ForwardScope {
    public:
-    ForwardScope(FlexModelBase& model, const Groups& groups);
+    ForwardScope(FlexModelBase& model, const Groups& groups, std::int64_t batch_rows);
     ForwardScope(const ForwardScope&) = delete;
     ForwardScope& operator=(const ForwardScope&) = delete;
     ~ForwardScope();
     void commit();
+    // Called with the exception a forward is failing with. Under a mesh, an
+    // error not raised on every rank ends every rank, so none waits forever.
+    void failed(std::exception_ptr error);
+    // Data parallel: keeps this rank's rows of each input tensor with the
+    // batch's dim 0, and concatenates the outputs' rows back on dp rank 0.
+    bool splits_batch() const;
+    void take_batch_shard(detail::TensorLeaves& inputs) const;
+    void gather_batch(detail::TensorLeaves& outputs) const;
     // The root module's site when it has active hooks, else nullptr.
     detail::Site* root_site() const { return root_site_; }
 
    private:
     detail::ModelState& state_;
+    std::int64_t batch_rows_ = -1;
     detail::ModelState* previous_ = nullptr;
     detail::Site* root_site_ = nullptr;
     bool counted_ = false;
@@ -204,13 +216,33 @@ class FlexModel : public FlexModelBase {
   // Runs the model with the hooks of the chosen groups.
   template <class... Args>
   auto forward(const Groups& groups, Args&&... inputs) {
-    ForwardScope scope(*this, groups);
+    ForwardScope scope(*this, groups, detail::batch_rows(inputs...));
     auto forward = detail::forward_of(*model_);
-    auto output = scope.root_site() != nullptr
-                      ? detail::invoke_with_hooks(*scope.root_site(), forward, std::forward<Args>(inputs)...)
-                      : forward(std::forward<Args>(inputs)...);
-    scope.commit();
-    return output;
+    auto run = [&](auto&&... args) {
+      return scope.root_site() != nullptr
+                 ? detail::invoke_with_hooks(*scope.root_site(), forward, std::forward<decltype(args)>(args)...)
+                 : forward(std::forward<decltype(args)>(args)...);
+    };
+    try {
+      if (!scope.splits_batch()) {
+        auto output = run(std::forward<Args>(inputs)...);
+        scope.commit();
+        return output;
+      }
+      std::tuple<std::decay_t<Args>...> shard(std::forward<Args>(inputs)...);
+      detail::TensorLeaves input_leaves;
+      detail::collect_leaves(shard, input_leaves);
+      scope.take_batch_shard(input_leaves);
+      auto output = std::apply(run, shard);
+      detail::TensorLeaves output_leaves;
+      detail::collect_leaves(output, output_leaves);
+      scope.gather_batch(output_leaves);
+      scope.commit();
+      return output;
+    } catch (...) {
+      scope.failed(std::current_exception());
+      throw;
+    }
   }
 
   const std::shared_ptr<ModuleImpl>& module() const { return model_; }

@@ -49,6 +49,7 @@ class OutputMap {
 
   // Used by the library while hooks run.
   struct Series {
+    Key key;
     std::vector<torch::Tensor> tensors;  // undefined where a snapshot is still pending
     std::vector<std::pair<std::size_t, detail::PendingSnapshot>> pending;
   };

@@ -45,6 +45,8 @@ class FlexModel<torch::jit::Module> : public FlexModelBase {
 
  private:
   FlexModel(torch::jit::Module module, std::shared_ptr<detail::ScriptAdapter> adapter, FlexModelOptions options);
+  // The instrumented graph, or the module's own forward when nothing is hooked.
+  torch::IValue run_graph(std::vector<torch::IValue> inputs);
 
   torch::jit::Module module_;
   std::shared_ptr<detail::ScriptAdapter> script_;

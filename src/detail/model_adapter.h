@@ -2,6 +2,7 @@
 // parameters. One adapter per kind (native torch::nn::Module, TorchScript).
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,6 +43,13 @@ class ModelAdapter {
   virtual NamedTensors named_parameters() const = 0;
   virtual NamedTensors named_buffers() const = 0;
   virtual const void* root_key() const = 0;
+  // What the mesh needs of the model: tensor-parallel layers, a pipeline stage.
+  virtual bool has_tensor_parallel_layers() const { return false; }
+  virtual bool is_pipeline_stage() const { return false; }
+  bool has_module(const std::string& name) const {
+    const auto names = module_names();
+    return std::find(names.begin(), names.end(), name) != names.end();
+  }
   // Called whenever the set of hook points with hooks changes.
   virtual void hook_points_changed(const std::vector<HookPointUse>& uses) { (void)uses; }
 };

@@ -45,4 +45,23 @@ void collect_leaves(T& value, TensorLeaves& leaves) {
   }
 }
 
+// dim 0 of the first tensor among `args` (the batch), or -1 when there is none.
+template <class... Args>
+std::int64_t batch_rows(const Args&... args) {
+  std::int64_t rows = -1;
+  auto visit = [&](const auto& arg) {
+    if (rows >= 0) return;
+    TensorLeaves leaves;
+    collect_leaves(const_cast<std::remove_cvref_t<decltype(arg)>&>(arg), leaves);
+    for (const torch::Tensor* leaf : leaves) {
+      if (leaf->defined() && leaf->dim() > 0) {
+        rows = leaf->size(0);
+        return;
+      }
+    }
+  };
+  (visit(args), ...);
+  return rows;
+}
+
 }  // namespace flexmodel::detail

@@ -1,0 +1,114 @@
+// The distributed world and the TP×PP×DP mesh. Launched by mpirun (Open MPI),
+// the world is MPI's; otherwise it is one process and nothing changes.
+//
+// Rank layout (flex_model's): with sizes (TP, PP, DP), global rank
+//   r = (pp·DP + dp)·TP + tp,
+// so tensor-parallel groups are contiguous ranks.
+//
+// Collective contract: every rank of a communicator calls each collective, in
+// the same order, with tensors of the same dtype; a mismatch is undefined.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+namespace flexmodel::dist {
+
+// The process's place in the world. Initialises MPI on first use when the
+// process was started by mpirun; never changes afterwards.
+int world_rank();
+int world_size();
+bool launched_by_mpi();
+
+// A group of ranks that talk to each other. CPU tensors travel over MPI as
+// bytes, so every dtype (bf16 and fp16 included) moves the same way.
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // Concatenation along `dim` of every rank's tensor, on `root` only (an
+  // undefined tensor elsewhere). Shards may differ in size along `dim`.
+  virtual torch::Tensor gather(const torch::Tensor& shard, std::int64_t dim, int root) = 0;
+  // The inverse of gather: `full` on `root` is split along `dim` into pieces
+  // of `sizes` (one per rank); each rank gets its piece. `like` gives the
+  // local piece's dtype and other dimensions on every rank.
+  virtual torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor& like, std::int64_t dim,
+                                const std::vector<std::int64_t>& sizes, int root) = 0;
+  // Every rank's tensor concatenated along `dim`, on every rank.
+  virtual torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t dim) = 0;
+  virtual torch::Tensor all_reduce_sum(const torch::Tensor& tensor) = 0;
+  // `tensor` from `root` into `tensor` on every rank (same shape everywhere).
+  virtual void broadcast(torch::Tensor& tensor, int root) = 0;
+  // Every rank's integer, on every rank.
+  virtual std::vector<std::int64_t> all_gather_ints(std::int64_t value) = 0;
+  // A string from `root` to every rank.
+  virtual std::string broadcast_string(const std::string& text, int root) = 0;
+  virtual void send(const torch::Tensor& tensor, int destination) = 0;
+  // Receives into `tensor`, whose shape and dtype the sender's match.
+  virtual void recv(torch::Tensor& tensor, int source) = 0;
+  virtual void barrier() = 0;
+};
+
+// Sizes of a mesh; every size ≥ 1.
+struct MeshShape {
+  std::int64_t tp = 1;
+  std::int64_t pp = 1;
+  std::int64_t dp = 1;
+  std::int64_t size() const { return tp * pp * dp; }
+};
+
+// A rank's coordinates in the mesh and its communicators.
+class Mesh {
+ public:
+  // Builds the mesh on every rank; a world whose size is not tp·pp·dp is a
+  // DistributedError on every rank, raised before any collective.
+  static std::shared_ptr<Mesh> create(MeshShape shape);
+
+  const MeshShape& shape() const { return shape_; }
+  int rank() const { return rank_; }
+  std::int64_t tp_rank() const { return tp_rank_; }
+  std::int64_t pp_rank() const { return pp_rank_; }
+  std::int64_t dp_rank() const { return dp_rank_; }
+  bool distributed() const { return shape_.size() > 1; }
+  // tp 0 and dp 0 of its pipeline stage: where a stage's hooks see full tensors.
+  bool stage_leader() const { return tp_rank_ == 0 && dp_rank_ == 0; }
+
+  Communicator& world() const { return *world_; }
+  Communicator& tp_group() const { return *tp_; }
+  Communicator& pp_group() const { return *pp_; }
+  Communicator& dp_group() const { return *dp_; }
+
+ private:
+  Mesh() = default;
+
+  MeshShape shape_;
+  int rank_ = 0;
+  std::int64_t tp_rank_ = 0, pp_rank_ = 0, dp_rank_ = 0;
+  std::shared_ptr<Communicator> world_, tp_, pp_, dp_;
+};
+
+// Marks a native module whose parameters are sharded over the tensor-parallel
+// group (the flexmodel::parallel layers).
+class TensorParallelModule {
+ public:
+  virtual ~TensorParallelModule() = default;
+};
+
+// Marks a native model that is one pipeline stage of a larger model: its
+// module names are the full model's, and only its stage's modules exist.
+class PipelineStageModule {
+ public:
+  virtual ~PipelineStageModule() = default;
+};
+
+// Ends every rank after `message` (logged on this rank): for failures that
+// would otherwise leave the other ranks waiting in a collective.
+[[noreturn]] void abort_world(const std::string& message);
+
+}  // namespace flexmodel::dist

@@ -1,0 +1,139 @@
+// Megatron-style tensor-parallel layers and a pipeline-parallel GPT, for
+// building TP×PP×DP models in C++. Every layer is hookable. Each layer takes
+// this rank's shard of full weights with load_full(), so a sharded model and
+// the same weights run in one process compute the same function.
+//
+// The collectives inside the layers run in forward only: these layers serve
+// inference and hooking, not training across ranks.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include <torch/nn/module.h>
+
+#include "flexmodel/dist.h"
+#include "flexmodel/hooked.h"
+#include "flexmodel/models/gpt.h"
+#include "flexmodel/nn.h"
+
+namespace flexmodel::parallel {
+
+// y = x Wᵀ + b with W split by rows (output features) over the TP group; the
+// output stays split along its last dimension unless gather_output.
+class ColumnParallelLinearImpl : public torch::nn::Module, public dist::TensorParallelModule {
+ public:
+  ColumnParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features, std::int64_t out_features,
+                           bool bias = true, bool gather_output = false);
+  torch::Tensor forward(const torch::Tensor& x);
+  // Takes this rank's rows of full [out, in] weight and [out] bias. With
+  // `blocks` > 1 the rows are that many stacked matrices (q, k, v), each split.
+  void load_full(const torch::Tensor& weight, const torch::Tensor& bias = {}, std::int64_t blocks = 1);
+
+  torch::Tensor weight, bias;
+
+ private:
+  std::shared_ptr<dist::Mesh> mesh_;
+  bool gather_output_;
+};
+FLEX_MODULE(ColumnParallelLinear);
+
+// y = x Wᵀ + b with W split by columns (input features) over the TP group; the
+// input arrives split along its last dimension, the output is summed.
+class RowParallelLinearImpl : public torch::nn::Module, public dist::TensorParallelModule {
+ public:
+  RowParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features, std::int64_t out_features,
+                        bool bias = true);
+  torch::Tensor forward(const torch::Tensor& x);
+  void load_full(const torch::Tensor& weight, const torch::Tensor& bias = {});
+
+  torch::Tensor weight, bias;
+
+ private:
+  std::shared_ptr<dist::Mesh> mesh_;
+};
+FLEX_MODULE(RowParallelLinear);
+
+// An embedding whose vocabulary rows are split over the TP group.
+class VocabParallelEmbeddingImpl : public torch::nn::Module, public dist::TensorParallelModule {
+ public:
+  VocabParallelEmbeddingImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t vocab_size, std::int64_t dim);
+  torch::Tensor forward(const torch::Tensor& tokens);
+  void load_full(const torch::Tensor& weight);
+
+  torch::Tensor weight;
+
+ private:
+  std::shared_ptr<dist::Mesh> mesh_;
+  std::int64_t first_row_;
+};
+FLEX_MODULE(VocabParallelEmbedding);
+
+class ParallelAttentionImpl : public torch::nn::Module {
+ public:
+  ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options);
+  // (output [B,T,d], this rank's heads' attention probabilities [B,heads/tp,T,T]).
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x);
+
+  ColumnParallelLinear qkv{nullptr};
+  RowParallelLinear proj{nullptr};
+
+ private:
+  std::int64_t local_heads_;
+};
+FLEX_MODULE(ParallelAttention);
+
+class ParallelMLPImpl : public torch::nn::Module {
+ public:
+  ParallelMLPImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options);
+  torch::Tensor forward(const torch::Tensor& x);
+
+  ColumnParallelLinear fc_in{nullptr};
+  flexmodel::nn::GELU act{nullptr};
+  RowParallelLinear fc_out{nullptr};
+};
+FLEX_MODULE(ParallelMLP);
+
+class ParallelBlockImpl : public torch::nn::Module {
+ public:
+  ParallelBlockImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options);
+  torch::Tensor forward(const torch::Tensor& x);
+
+  flexmodel::nn::LayerNorm ln_1{nullptr};
+  ParallelAttention attn{nullptr};
+  flexmodel::nn::LayerNorm ln_2{nullptr};
+  ParallelMLP mlp{nullptr};
+};
+FLEX_MODULE(ParallelBlock);
+
+// This rank's part of models::GPT under a mesh: its pipeline stage's layers
+// (contiguous, n_layers / pp each; the first stage also embeds, the last also
+// normalises and projects), tensor-parallel inside. Module names are the full
+// model's ("layers.5.mlp" on whichever stage holds layer 5).
+class ParallelGPTImpl : public torch::nn::Module, public dist::PipelineStageModule {
+ public:
+  // Copies this rank's shard of every weight of `full`.
+  ParallelGPTImpl(const models::GPTImpl& full, std::shared_ptr<dist::Mesh> mesh);
+  // tokens: this data-parallel rank's rows [b, T] on every stage. Returns the
+  // logits [b, T, vocab] on the first stage and an undefined tensor elsewhere;
+  // the stages hand activations on with send/recv.
+  torch::Tensor forward(const torch::Tensor& tokens);
+
+  VocabParallelEmbedding embed_tokens{nullptr};
+  flexmodel::nn::Embedding embed_positions{nullptr};
+  std::vector<ParallelBlock> blocks;
+  flexmodel::nn::LayerNorm norm{nullptr};
+  ColumnParallelLinear lm_head{nullptr};
+
+ private:
+  bool first_stage() const { return mesh_->pp_rank() == 0; }
+  bool last_stage() const { return mesh_->pp_rank() == mesh_->shape().pp - 1; }
+
+  std::shared_ptr<dist::Mesh> mesh_;
+  models::GPTOptions options_;
+};
+FLEX_MODULE(ParallelGPT);
+
+}  // namespace flexmodel::parallel

@@ -1,0 +1,300 @@
+// The world, the mesh and the MPI communicator. MPI types stay in this file.
+#include "flexmodel/dist.h"
+
+#include <cstdlib>
+#include <limits>
+#include <mutex>
+#include <numeric>
+
+#include <mpi.h>
+
+#include "flexmodel/error.h"
+#include "flexmodel/logging.h"
+
+namespace flexmodel::dist {
+namespace {
+
+void check_mpi(int code, const char* operation) {
+  if (code == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(code, text, &length);
+  FLEXMODEL_FAIL(DistributedError, operation, " failed: ", std::string(text, static_cast<std::size_t>(length)));
+}
+
+struct World {
+  int rank = 0;
+  int size = 1;
+  bool mpi = false;
+};
+
+const World& the_world() {
+  static const World world = [] {
+    World made;
+    if (!launched_by_mpi()) return made;
+    int initialised = 0;
+    MPI_Initialized(&initialised);
+    if (!initialised) {
+      int provided = 0;
+      check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
+      // Finalised at exit so that programs need no MPI calls of their own.
+      std::atexit([] {
+        int finalised = 0;
+        MPI_Finalized(&finalised);
+        if (!finalised) MPI_Finalize();
+      });
+    }
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(MPI_COMM_WORLD, &made.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &made.size);
+    made.mpi = true;
+    detail::set_message_rank(made.rank);
+    return made;
+  }();
+  return world;
+}
+
+int to_count(std::int64_t bytes, const char* what) {
+  FLEXMODEL_CHECK(bytes <= std::numeric_limits<int>::max(), DistributedError, what, " of ", bytes,
+                  " bytes exceeds MPI's 2 GiB message limit; split the tensor");
+  return static_cast<int>(bytes);
+}
+
+// Bytes of one slice along dim 0, from the shape alone (also for zero rows).
+std::int64_t row_bytes_of(const torch::Tensor& front) {
+  std::int64_t elements = 1;
+  for (std::int64_t d = 1; d < front.dim(); ++d) elements *= front.size(d);
+  return elements * static_cast<std::int64_t>(front.element_size());
+}
+
+// `tensor` with `dim` moved first, contiguous, and the bytes of one slice of it.
+std::pair<torch::Tensor, std::int64_t> rows_first(const torch::Tensor& tensor, std::int64_t dim) {
+  torch::Tensor front = tensor.movedim(dim, 0).contiguous();
+  return {front, row_bytes_of(front)};
+}
+
+std::vector<std::int64_t> front_shape(const torch::Tensor& like, std::int64_t dim, std::int64_t rows) {
+  auto shape = like.movedim(dim, 0).sizes().vec();
+  shape[0] = rows;
+  return shape;
+}
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~MpiCommunicator() override {
+    int finalised = 0;
+    MPI_Finalized(&finalised);
+    if (!finalised && comm_ != MPI_COMM_WORLD) MPI_Comm_free(&comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  torch::Tensor gather(const torch::Tensor& shard, std::int64_t dim, int root) override {
+    auto [front, row_bytes] = rows_first(shard.cpu(), dim);
+    std::int64_t rows = front.size(0);
+    std::vector<std::int64_t> all_rows(rank_ == root ? size_ : 0);
+    check_mpi(MPI_Gather(&rows, 1, MPI_INT64_T, all_rows.data(), 1, MPI_INT64_T, root, comm_), "MPI_Gather");
+    std::vector<int> counts, offsets;
+    torch::Tensor full;
+    if (rank_ == root) {
+      std::int64_t offset = 0;
+      for (auto r : all_rows) {
+        counts.push_back(to_count(r * row_bytes, "gather"));
+        offsets.push_back(to_count(offset, "gather"));
+        offset += r * row_bytes;
+      }
+      full = torch::empty(front_shape(shard, dim, std::accumulate(all_rows.begin(), all_rows.end(), std::int64_t{0})),
+                          front.options());
+    }
+    check_mpi(MPI_Gatherv(front.data_ptr(), to_count(rows * row_bytes, "gather"), MPI_BYTE,
+                          rank_ == root ? full.data_ptr() : nullptr, counts.data(), offsets.data(), MPI_BYTE, root,
+                          comm_),
+              "MPI_Gatherv");
+    return rank_ == root ? full.movedim(0, dim).contiguous().to(shard.device()) : torch::Tensor();
+  }
+
+  torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor& like, std::int64_t dim,
+                        const std::vector<std::int64_t>& sizes, int root) override {
+    const std::int64_t rows = sizes.at(static_cast<std::size_t>(rank_));
+    torch::Tensor piece = torch::empty(front_shape(like, dim, rows), like.options().device(torch::kCPU));
+    const std::int64_t row_bytes = row_bytes_of(piece);
+    std::vector<int> counts, offsets;
+    torch::Tensor front;
+    if (rank_ == root) {
+      std::int64_t offset = 0;
+      front = full.cpu().movedim(dim, 0).contiguous();
+      const std::int64_t root_row_bytes = row_bytes_of(front);
+      for (auto r : sizes) {
+        counts.push_back(to_count(r * root_row_bytes, "scatter"));
+        offsets.push_back(to_count(offset, "scatter"));
+        offset += r * root_row_bytes;
+      }
+    }
+    check_mpi(MPI_Scatterv(rank_ == root ? front.data_ptr() : nullptr, counts.data(), offsets.data(), MPI_BYTE,
+                           piece.data_ptr(), to_count(rows * row_bytes, "scatter"), MPI_BYTE, root, comm_),
+              "MPI_Scatterv");
+    return piece.movedim(0, dim).contiguous().to(like.device());
+  }
+
+  torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t dim) override {
+    auto [front, row_bytes] = rows_first(shard.cpu(), dim);
+    std::vector<std::int64_t> all_rows = all_gather_ints(front.size(0));
+    std::vector<int> counts, offsets;
+    std::int64_t offset = 0;
+    for (auto r : all_rows) {
+      counts.push_back(to_count(r * row_bytes, "all_gather"));
+      offsets.push_back(to_count(offset, "all_gather"));
+      offset += r * row_bytes;
+    }
+    torch::Tensor full = torch::empty(
+        front_shape(shard, dim, std::accumulate(all_rows.begin(), all_rows.end(), std::int64_t{0})), front.options());
+    check_mpi(MPI_Allgatherv(front.data_ptr(), counts[static_cast<std::size_t>(rank_)], MPI_BYTE, full.data_ptr(),
+                             counts.data(), offsets.data(), MPI_BYTE, comm_),
+              "MPI_Allgatherv");
+    return full.movedim(0, dim).contiguous().to(shard.device());
+  }
+
+  torch::Tensor all_reduce_sum(const torch::Tensor& tensor) override {
+    // MPI sums float32/float64/int64 natively; half types are summed in float32.
+    const auto dtype = tensor.scalar_type();
+    torch::Tensor work = tensor.cpu().contiguous();
+    if (dtype == torch::kHalf || dtype == torch::kBFloat16) work = work.to(torch::kFloat);
+    if (work.data_ptr() == tensor.data_ptr()) work = work.clone();
+    MPI_Datatype type = work.scalar_type() == torch::kFloat    ? MPI_FLOAT
+                        : work.scalar_type() == torch::kDouble ? MPI_DOUBLE
+                        : work.scalar_type() == torch::kLong   ? MPI_INT64_T
+                        : work.scalar_type() == torch::kInt    ? MPI_INT32_T
+                                                               : MPI_DATATYPE_NULL;
+    FLEXMODEL_CHECK(type != MPI_DATATYPE_NULL, DistributedError, "all_reduce_sum does not support ", dtype);
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, work.data_ptr(), to_count(work.numel(), "all_reduce"), type, MPI_SUM, comm_),
+              "MPI_Allreduce");
+    return work.to(tensor.device(), dtype);
+  }
+
+  void broadcast(torch::Tensor& tensor, int root) override {
+    torch::Tensor work = tensor.cpu().contiguous();
+    check_mpi(MPI_Bcast(work.data_ptr(), to_count(static_cast<std::int64_t>(work.nbytes()), "broadcast"), MPI_BYTE,
+                        root, comm_),
+              "MPI_Bcast");
+    if (!work.is_same(tensor)) tensor = work.to(tensor.device());
+  }
+
+  std::vector<std::int64_t> all_gather_ints(std::int64_t value) override {
+    std::vector<std::int64_t> values(static_cast<std::size_t>(size_));
+    check_mpi(MPI_Allgather(&value, 1, MPI_INT64_T, values.data(), 1, MPI_INT64_T, comm_), "MPI_Allgather");
+    return values;
+  }
+
+  std::string broadcast_string(const std::string& text, int root) override {
+    std::int64_t length = static_cast<std::int64_t>(text.size());
+    check_mpi(MPI_Bcast(&length, 1, MPI_INT64_T, root, comm_), "MPI_Bcast");
+    std::string received = rank_ == root ? text : std::string(static_cast<std::size_t>(length), '\0');
+    if (length > 0) {
+      check_mpi(MPI_Bcast(received.data(), to_count(length, "broadcast_string"), MPI_CHAR, root, comm_), "MPI_Bcast");
+    }
+    return received;
+  }
+
+  void send(const torch::Tensor& tensor, int destination) override {
+    torch::Tensor work = tensor.cpu().contiguous();
+    check_mpi(MPI_Send(work.data_ptr(), to_count(static_cast<std::int64_t>(work.nbytes()), "send"), MPI_BYTE,
+                       destination, 0, comm_),
+              "MPI_Send");
+  }
+
+  void recv(torch::Tensor& tensor, int source) override {
+    torch::Tensor work = tensor.device().is_cpu() && tensor.is_contiguous() ? tensor : torch::empty_like(tensor.cpu());
+    check_mpi(MPI_Recv(work.data_ptr(), to_count(static_cast<std::int64_t>(work.nbytes()), "recv"), MPI_BYTE, source,
+                       0, comm_, MPI_STATUS_IGNORE),
+              "MPI_Recv");
+    if (!work.is_same(tensor)) tensor.copy_(work);
+  }
+
+  void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+
+ private:
+  MPI_Comm comm_;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+// The world of one process: every collective is the identity.
+class LocalCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  torch::Tensor gather(const torch::Tensor& shard, std::int64_t, int) override { return shard; }
+  torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor&, std::int64_t,
+                        const std::vector<std::int64_t>&, int) override {
+    return full;
+  }
+  torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t) override { return shard; }
+  torch::Tensor all_reduce_sum(const torch::Tensor& tensor) override { return tensor; }
+  void broadcast(torch::Tensor&, int) override {}
+  std::vector<std::int64_t> all_gather_ints(std::int64_t value) override { return {value}; }
+  std::string broadcast_string(const std::string& text, int) override { return text; }
+  void send(const torch::Tensor&, int) override {
+    FLEXMODEL_FAIL(DistributedError, "send in a world of one process has no destination");
+  }
+  void recv(torch::Tensor&, int) override {
+    FLEXMODEL_FAIL(DistributedError, "recv in a world of one process has no source");
+  }
+  void barrier() override {}
+};
+
+std::shared_ptr<Communicator> split(int color, int key) {
+  MPI_Comm comm = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split(MPI_COMM_WORLD, color, key, &comm), "MPI_Comm_split");
+  return std::make_shared<MpiCommunicator>(comm);
+}
+
+}  // namespace
+
+bool launched_by_mpi() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr ||
+         std::getenv("PMIX_RANK") != nullptr;
+}
+
+int world_rank() { return the_world().rank; }
+int world_size() { return the_world().size; }
+
+std::shared_ptr<Mesh> Mesh::create(MeshShape shape) {
+  FLEXMODEL_CHECK(shape.tp >= 1 && shape.pp >= 1 && shape.dp >= 1, ConfigError, "mesh sizes must be at least 1; got tp ",
+                  shape.tp, ", pp ", shape.pp, ", dp ", shape.dp);
+  const World& world = the_world();
+  FLEXMODEL_CHECK(shape.size() == world.size, DistributedError, "the mesh tp ", shape.tp, " × pp ", shape.pp,
+                  " × dp ", shape.dp, " = ", shape.size(), " ranks, but the world has ", world.size,
+                  world.mpi ? " (mpirun -np)" : " (not launched by mpirun)",
+                  "; launch with mpirun -np ", shape.size(), " or change the sizes");
+  std::shared_ptr<Mesh> mesh(new Mesh());
+  mesh->shape_ = shape;
+  mesh->rank_ = world.rank;
+  mesh->tp_rank_ = world.rank % shape.tp;
+  mesh->dp_rank_ = (world.rank / shape.tp) % shape.dp;
+  mesh->pp_rank_ = world.rank / (shape.tp * shape.dp);
+  if (!world.mpi) {
+    auto local = std::make_shared<LocalCommunicator>();
+    mesh->world_ = mesh->tp_ = mesh->pp_ = mesh->dp_ = local;
+    return mesh;
+  }
+  const auto tp = mesh->tp_rank_, pp = mesh->pp_rank_, dp = mesh->dp_rank_;
+  mesh->world_ = std::make_shared<MpiCommunicator>(MPI_COMM_WORLD);
+  mesh->tp_ = split(static_cast<int>(pp * shape.dp + dp), static_cast<int>(tp));
+  mesh->dp_ = split(static_cast<int>(pp * shape.tp + tp), static_cast<int>(dp));
+  mesh->pp_ = split(static_cast<int>(dp * shape.tp + tp), static_cast<int>(pp));
+  return mesh;
+}
+
+void abort_world(const std::string& message) {
+  logger()->critical("rank {}: {}; ending every rank", the_world().rank, message);
+  logger()->flush();
+  if (the_world().mpi) MPI_Abort(MPI_COMM_WORLD, 1);
+  std::exit(1);
+}
+
+}  // namespace flexmodel::dist

@@ -1,0 +1,185 @@
+// Run under mpirun with the mesh sizes as arguments:
+//   mpirun -np N test_parallel TP PP DP
+// A GPT built from flexmodel::parallel layers under the mesh must give, on
+// rank 0, the activations and logits of the same weights run in one process.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "flexmodel/dist.h"
+#include "flexmodel/flexmodel.h"
+#include "flexmodel/hooks/editing.h"
+#include "flexmodel/parallel.h"
+
+namespace flexmodel {
+namespace {
+
+dist::MeshShape g_shape;
+
+models::GPTOptions small_gpt() {
+  return models::GPTOptions().vocab_size(64).max_positions(16).d_model(32).n_heads(4).n_layers(4).d_mlp(64);
+}
+
+// Hook points with full shapes: sharded dims given, the rest free.
+const std::vector<std::pair<std::string, ExpectedShape>> kReadHooks = {
+    {"embed_tokens", {}},
+    {"layers.0.attn", {}},
+    {"layers.1.mlp.fc_in", {std::nullopt, std::nullopt, 64}},
+    {"layers.2", {}},
+    {"layers.3.mlp", {}},
+    {"lm_head", {}},
+};
+
+class ParallelGPTTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    torch::manual_seed(0);
+    full = models::GPT(small_gpt());
+    full->eval();
+    tokens = torch::randint(0, 64, {4, 8}, torch::TensorOptions().dtype(torch::kLong));
+    mesh = dist::Mesh::create(g_shape);
+    sharded = parallel::ParallelGPT(*full, mesh);
+    sharded->eval();
+    fm = std::make_unique<FlexModel<parallel::ParallelGPTImpl>>(
+        sharded, FlexModelOptions().tp(g_shape.tp).pp(g_shape.pp).dp(g_shape.dp));
+  }
+
+  bool root() const { return dist::world_rank() == 0; }
+
+  torch::NoGradGuard no_grad;
+  models::GPT full{nullptr};
+  torch::Tensor tokens;
+  std::shared_ptr<dist::Mesh> mesh;
+  parallel::ParallelGPT sharded{nullptr};
+  std::unique_ptr<FlexModel<parallel::ParallelGPTImpl>> fm;
+};
+
+TEST_F(ParallelGPTTest, ActivationsOnRank0EqualTheUnshardedModel) {
+  FlexModel reference(full);
+  for (const auto& [name, shape] : kReadHooks) {
+    reference.register_forward_hook(HookFunction(name));
+    fm->register_forward_hook(HookFunction(name, shape));
+  }
+  // The row-parallel projection's input is split over TP along its last dimension.
+  reference.register_forward_pre_hook(HookFunction("layers.2.attn.proj"));
+  fm->register_forward_pre_hook(HookFunction("layers.2.attn.proj", {std::nullopt, std::nullopt, 32}));
+  auto expected_logits = reference.forward(tokens);
+  auto logits = fm->forward(tokens);
+  if (!root()) return;
+  EXPECT_TRUE(torch::allclose(logits, expected_logits, 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(fm->outputs().at("layers.2.attn.proj", HookType::forward_pre)[0],
+                              reference.outputs().at("layers.2.attn.proj", HookType::forward_pre)[0], 1e-5, 1e-5));
+  for (const auto& [name, shape] : kReadHooks) {
+    ASSERT_TRUE(fm->outputs().contains(name)) << name;
+    const auto& ours = fm->outputs().at(name)[0];
+    const auto& theirs = reference.outputs().at(name)[0];
+    ASSERT_EQ(ours.sizes(), theirs.sizes()) << name;
+    EXPECT_TRUE(torch::allclose(ours, theirs, 1e-5, 1e-5)) << name << " max |Δ| " << (ours - theirs).abs().max();
+  }
+}
+
+TEST_F(ParallelGPTTest, EditsGiveTheSingleProcessLogits) {
+  FlexModel reference(full);
+  auto edit_everywhere = [&](FlexModelBase& model, bool sharded_shapes) {
+    model.create_hook_group("edit", "layers.1.mlp", {}, hooks::zero_ablation());
+    model.create_hook_group("edit", "layers.2.mlp.fc_in",
+                            sharded_shapes ? ExpectedShape{std::nullopt, std::nullopt, 64} : ExpectedShape{},
+                            hooks::scale(2.0));
+    // Position-dependent along the sharded dimension, so a wrong layout would show.
+    model.create_hook_group("edit", "layers.3.attn.proj",
+                            sharded_shapes ? ExpectedShape{std::nullopt, std::nullopt, 32} : ExpectedShape{},
+                            [](const torch::Tensor& x) { return x * torch::linspace(-1, 2, 32); }, 0,
+                            HookType::forward_pre);
+    model.create_hook_group("edit", "layers.0", {}, [](const torch::Tensor& x) { return x * 0.5; });
+  };
+  edit_everywhere(reference, false);
+  edit_everywhere(*fm, true);
+  auto expected = reference.forward(Groups{"edit"}, tokens);
+  auto plain = reference.forward(Groups{"edit"}.complement(), tokens);
+  auto logits = fm->forward(Groups{"edit"}, tokens);
+  if (!root()) return;
+  EXPECT_FALSE(torch::allclose(expected, plain, 1e-3, 1e-3));
+  EXPECT_TRUE(torch::allclose(logits, expected, 1e-5, 1e-5)) << "max |Δ| " << (logits - expected).abs().max();
+}
+
+TEST_F(ParallelGPTTest, GetModuleParameterGathersTheUnshardedWeight) {
+  auto fc_in = fm->get_module_parameter("layers.1.mlp.fc_in.weight", {64, std::nullopt});
+  auto proj_weight = fm->get_module_parameter("layers.3.attn.proj.weight", {32, 32});
+  auto embedding = fm->get_module_parameter("embed_tokens.weight", {64, 32});
+  if (!root()) return;
+  EXPECT_TRUE(torch::equal(fc_in, full->layers->ptr<models::BlockImpl>(1)->mlp->fc_in->weight));
+  EXPECT_TRUE(torch::equal(embedding, full->embed_tokens->weight));
+  EXPECT_TRUE(torch::equal(proj_weight, full->layers->ptr<models::BlockImpl>(3)->attn->proj->weight));
+}
+
+TEST_F(ParallelGPTTest, ANameOnNoStageIsAnErrorOnEveryRank) {
+  EXPECT_THROW(fm->register_forward_hook(HookFunction("layers.9.mlp")), ConfigError);
+  EXPECT_THROW(fm->get_module_parameter("layers.9.mlp.fc_in.weight"), ConfigError);
+}
+
+TEST(Communicators, Bfloat16AndFloat16TravelIntact) {
+  auto mesh = dist::Mesh::create(g_shape);
+  auto& world = mesh->world();
+  for (auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    torch::manual_seed(3);
+    auto whole = torch::randn({world.size() * 3, 5}).to(dtype);
+    auto mine = whole.chunk(world.size(), 0)[world.rank()].contiguous();
+    auto gathered = world.gather(mine, 0, 0);
+    auto everywhere = world.all_gather(mine, 0);
+    EXPECT_TRUE(torch::equal(everywhere, whole));
+    if (world.rank() == 0) EXPECT_TRUE(torch::equal(gathered, whole));
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(world.size()), 3);
+    auto back = world.scatter(world.rank() == 0 ? whole : torch::Tensor(), mine, 0, rows, 0);
+    EXPECT_TRUE(torch::equal(back, mine));
+  }
+}
+
+TEST(Mesh, AWorldOfTheWrongSizeIsAnErrorBeforeAnyCollective) {
+  dist::MeshShape wrong{g_shape.tp, g_shape.pp, g_shape.dp + 1};
+  try {
+    dist::Mesh::create(wrong);
+    ADD_FAILURE() << "no error";
+  } catch (const DistributedError& error) {
+    EXPECT_NE(std::string(error.what()).find("but the world has"), std::string::npos) << error.what();
+  }
+}
+
+TEST(Mesh, AMeshTheModelCannotUseListsEveryViolation) {
+  if (g_shape.size() == 1) GTEST_SKIP() << "needs a mesh of more than one rank";
+  torch::manual_seed(0);
+  models::GPT plain(small_gpt());
+  FlexModel fm(plain, FlexModelOptions().tp(g_shape.tp).pp(g_shape.pp).dp(g_shape.dp));
+  try {
+    fm.forward(torch::randint(0, 64, {g_shape.dp + 1, 4}));
+    ADD_FAILURE() << "no error";
+  } catch (const ConfigError& error) {
+    const std::string message = error.what();
+    if (g_shape.tp > 1) EXPECT_NE(message.find("no tensor-parallel layers"), std::string::npos) << message;
+    if (g_shape.pp > 1) EXPECT_NE(message.find("not split into pipeline stages"), std::string::npos) << message;
+    if (g_shape.dp > 1) EXPECT_NE(message.find("does not divide the batch"), std::string::npos) << message;
+  }
+}
+
+}  // namespace
+}  // namespace flexmodel
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  if (argc != 4) {
+    std::fprintf(stderr, "usage: mpirun -np N %s TP PP DP\n", argv[0]);
+    return 2;
+  }
+  flexmodel::g_shape = {std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3])};
+  torch::set_num_threads(1);
+  // Only rank 0 reports; every rank runs every test, since tests hold collectives.
+  if (flexmodel::dist::world_rank() != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  int failed = RUN_ALL_TESTS();
+  // Any rank's failure fails the run.
+  auto mesh = flexmodel::dist::Mesh::create(flexmodel::g_shape);
+  auto results = mesh->world().all_gather_ints(failed);
+  for (auto result : results) failed |= static_cast<int>(result);
+  return failed;
+}
