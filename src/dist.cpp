@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <limits>
 #include <mutex>
-#include <numeric>
 
 #include <mpi.h>
 
@@ -96,66 +95,32 @@ class MpiCommunicator final : public Communicator {
 
   torch::Tensor gather(const torch::Tensor& shard, std::int64_t dim, int root) override {
     auto [front, row_bytes] = rows_first(shard.cpu(), dim);
-    std::int64_t rows = front.size(0);
-    std::vector<std::int64_t> all_rows(rank_ == root ? size_ : 0);
-    check_mpi(MPI_Gather(&rows, 1, MPI_INT64_T, all_rows.data(), 1, MPI_INT64_T, root, comm_), "MPI_Gather");
-    std::vector<int> counts, offsets;
+    const int count = to_count(front.size(0) * row_bytes * size_, "gather");
     torch::Tensor full;
-    if (rank_ == root) {
-      std::int64_t offset = 0;
-      for (auto r : all_rows) {
-        counts.push_back(to_count(r * row_bytes, "gather"));
-        offsets.push_back(to_count(offset, "gather"));
-        offset += r * row_bytes;
-      }
-      full = torch::empty(front_shape(shard, dim, std::accumulate(all_rows.begin(), all_rows.end(), std::int64_t{0})),
-                          front.options());
-    }
-    check_mpi(MPI_Gatherv(front.data_ptr(), to_count(rows * row_bytes, "gather"), MPI_BYTE,
-                          rank_ == root ? full.data_ptr() : nullptr, counts.data(), offsets.data(), MPI_BYTE, root,
-                          comm_),
-              "MPI_Gatherv");
+    if (rank_ == root) full = torch::empty(front_shape(shard, dim, front.size(0) * size_), front.options());
+    check_mpi(MPI_Gather(front.data_ptr(), count / size_, MPI_BYTE, rank_ == root ? full.data_ptr() : nullptr,
+                         count / size_, MPI_BYTE, root, comm_),
+              "MPI_Gather");
     return rank_ == root ? full.movedim(0, dim).contiguous().to(shard.device()) : torch::Tensor();
   }
 
-  torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor& like, std::int64_t dim,
-                        const std::vector<std::int64_t>& sizes, int root) override {
-    const std::int64_t rows = sizes.at(static_cast<std::size_t>(rank_));
-    torch::Tensor piece = torch::empty(front_shape(like, dim, rows), like.options().device(torch::kCPU));
-    const std::int64_t row_bytes = row_bytes_of(piece);
-    std::vector<int> counts, offsets;
+  torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor& like, std::int64_t dim, int root) override {
+    torch::Tensor piece = torch::empty(like.movedim(dim, 0).sizes(), like.options().device(torch::kCPU));
+    const int count = to_count(static_cast<std::int64_t>(piece.nbytes()) * size_, "scatter");
     torch::Tensor front;
-    if (rank_ == root) {
-      std::int64_t offset = 0;
-      front = full.cpu().movedim(dim, 0).contiguous();
-      const std::int64_t root_row_bytes = row_bytes_of(front);
-      for (auto r : sizes) {
-        counts.push_back(to_count(r * root_row_bytes, "scatter"));
-        offsets.push_back(to_count(offset, "scatter"));
-        offset += r * root_row_bytes;
-      }
-    }
-    check_mpi(MPI_Scatterv(rank_ == root ? front.data_ptr() : nullptr, counts.data(), offsets.data(), MPI_BYTE,
-                           piece.data_ptr(), to_count(rows * row_bytes, "scatter"), MPI_BYTE, root, comm_),
-              "MPI_Scatterv");
+    if (rank_ == root) front = full.cpu().movedim(dim, 0).contiguous();
+    check_mpi(MPI_Scatter(rank_ == root ? front.data_ptr() : nullptr, count / size_, MPI_BYTE, piece.data_ptr(),
+                          count / size_, MPI_BYTE, root, comm_),
+              "MPI_Scatter");
     return piece.movedim(0, dim).contiguous().to(like.device());
   }
 
   torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t dim) override {
     auto [front, row_bytes] = rows_first(shard.cpu(), dim);
-    std::vector<std::int64_t> all_rows = all_gather_ints(front.size(0));
-    std::vector<int> counts, offsets;
-    std::int64_t offset = 0;
-    for (auto r : all_rows) {
-      counts.push_back(to_count(r * row_bytes, "all_gather"));
-      offsets.push_back(to_count(offset, "all_gather"));
-      offset += r * row_bytes;
-    }
-    torch::Tensor full = torch::empty(
-        front_shape(shard, dim, std::accumulate(all_rows.begin(), all_rows.end(), std::int64_t{0})), front.options());
-    check_mpi(MPI_Allgatherv(front.data_ptr(), counts[static_cast<std::size_t>(rank_)], MPI_BYTE, full.data_ptr(),
-                             counts.data(), offsets.data(), MPI_BYTE, comm_),
-              "MPI_Allgatherv");
+    const int count = to_count(front.size(0) * row_bytes * size_, "all_gather");
+    torch::Tensor full = torch::empty(front_shape(shard, dim, front.size(0) * size_), front.options());
+    check_mpi(MPI_Allgather(front.data_ptr(), count / size_, MPI_BYTE, full.data_ptr(), count / size_, MPI_BYTE, comm_),
+              "MPI_Allgather");
     return full.movedim(0, dim).contiguous().to(shard.device());
   }
 
@@ -229,10 +194,7 @@ class LocalCommunicator final : public Communicator {
   int rank() const override { return 0; }
   int size() const override { return 1; }
   torch::Tensor gather(const torch::Tensor& shard, std::int64_t, int) override { return shard; }
-  torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor&, std::int64_t,
-                        const std::vector<std::int64_t>&, int) override {
-    return full;
-  }
+  torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor&, std::int64_t, int) override { return full; }
   torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t) override { return shard; }
   torch::Tensor all_reduce_sum(const torch::Tensor& tensor) override { return tensor; }
   void broadcast(torch::Tensor&, int) override {}

@@ -270,17 +270,9 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
   // hook sees the whole batch's, as in one process.
   const bool scale_gradient = route.gather_dp && is_gradient(record.type);
 
-  std::vector<std::int64_t> tp_sizes, dp_sizes;
-  torch::Tensor stage = tensor;
-  if (route.tp_dim >= 0) {
-    if (editing) tp_sizes = mesh.tp_group().all_gather_ints(tensor.size(route.tp_dim));
-    stage = mesh.tp_group().gather(tensor, route.tp_dim, 0);
-  }
+  torch::Tensor stage = route.tp_dim >= 0 ? mesh.tp_group().gather(tensor, route.tp_dim, 0) : tensor;
   torch::Tensor full = stage;
-  if (mesh.tp_rank() == 0 && route.gather_dp) {
-    if (editing) dp_sizes = mesh.dp_group().all_gather_ints(stage.size(0));
-    full = mesh.dp_group().gather(stage, 0, 0);
-  }
+  if (mesh.tp_rank() == 0 && route.gather_dp) full = mesh.dp_group().gather(stage, 0, 0);
 
   std::string failure;
   torch::Tensor edited;
@@ -306,14 +298,14 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
   if (mesh.stage_leader() && scale_gradient) edited = edited * dp_size;
   torch::Tensor local_stage = edited;
   if (mesh.tp_rank() == 0 && route.gather_dp) {
-    local_stage = mesh.dp_group().scatter(edited, stage, 0, dp_sizes, 0);
+    local_stage = mesh.dp_group().scatter(edited, stage, 0, 0);
   } else if (mesh.tp_rank() == 0 && mesh.shape().dp > 1) {
     // Replicated over data-parallel ranks (a parameter's gradient): the leader's edit for all.
     local_stage = mesh.stage_leader() ? edited.contiguous() : torch::empty_like(stage);
     mesh.dp_group().broadcast(local_stage, 0);
   }
   if (route.tp_dim >= 0) {
-    tensor = mesh.tp_group().scatter(local_stage, tensor, route.tp_dim, tp_sizes, 0);
+    tensor = mesh.tp_group().scatter(local_stage, tensor, route.tp_dim, 0);
   } else if (mesh.shape().tp > 1) {
     torch::Tensor replica = mesh.tp_rank() == 0 ? local_stage.contiguous() : torch::empty_like(tensor);
     mesh.tp_group().broadcast(replica, 0);
@@ -631,9 +623,15 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
     for (const auto& name : matches) local_names += name + '\n';
     dist::Communicator& world = state_->mesh->world();
     const auto lengths = world.all_gather_ints(static_cast<std::int64_t>(local_names.size()));
-    torch::Tensor bytes = world.all_gather(
-        torch::from_blob(local_names.data(), {static_cast<std::int64_t>(local_names.size())}, torch::kUInt8).clone(), 0);
-    const std::string all_names(static_cast<const char*>(bytes.data_ptr()), static_cast<std::size_t>(bytes.numel()));
+    const std::int64_t longest = std::max<std::int64_t>(1, *std::max_element(lengths.begin(), lengths.end()));
+    std::string padded = local_names;
+    padded.resize(static_cast<std::size_t>(longest), '\0');
+    torch::Tensor bytes = world.all_gather(torch::from_blob(padded.data(), {longest}, torch::kUInt8).clone(), 0);
+    const char* gathered = static_cast<const char*>(bytes.data_ptr());
+    std::string all_names;
+    for (std::size_t r = 0; r < lengths.size(); ++r) {
+      all_names.append(gathered + r * static_cast<std::size_t>(longest), static_cast<std::size_t>(lengths[r]));
+    }
     matches.clear();
     std::set<std::string> seen;
     for (std::size_t start = 0, end; (end = all_names.find('\n', start)) != std::string::npos; start = end + 1) {

@@ -32,15 +32,17 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
 
-  // Concatenation along `dim` of every rank's tensor, on `root` only (an
-  // undefined tensor elsewhere). Shards may differ in size along `dim`.
+  // Shards are equal: every rank passes a tensor of the same shape and dtype,
+  // so one collective moves the data, with no size exchange before it.
+
+  // Concatenation along `dim` of every rank's shard, on `root` only (an
+  // undefined tensor elsewhere).
   virtual torch::Tensor gather(const torch::Tensor& shard, std::int64_t dim, int root) = 0;
-  // The inverse of gather: `full` on `root` is split along `dim` into pieces
-  // of `sizes` (one per rank); each rank gets its piece. `like` gives the
-  // local piece's dtype and other dimensions on every rank.
+  // The inverse of gather: `full` on `root` is split along `dim` into equal
+  // pieces, one per rank; `like` has the shape and dtype of a piece.
   virtual torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor& like, std::int64_t dim,
-                                const std::vector<std::int64_t>& sizes, int root) = 0;
-  // Every rank's tensor concatenated along `dim`, on every rank.
+                                int root) = 0;
+  // Every rank's shard concatenated along `dim`, on every rank.
   virtual torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t dim) = 0;
   virtual torch::Tensor all_reduce_sum(const torch::Tensor& tensor) = 0;
   // `tensor` from `root` into `tensor` on every rank (same shape everywhere).
