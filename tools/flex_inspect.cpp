@@ -36,7 +36,12 @@ std::string facts_text(const json& leaves) {
 json inspect(const std::string& model_path, const std::vector<std::string>& input_paths) {
   flexmodel::ScriptFlexModel fm(model_path);
   const torch::jit::Module& model = fm.module();
-  json report{{"model", model_path}, {"type", model.type()->name()->qualifiedName()}, {"modules", json::array()}};
+  // What a mesh may ask of it: a TorchScript model splits over data-parallel
+  // ranks; tensor and pipeline parallelism need flexmodel::parallel models.
+  json report{{"model", model_path},
+              {"type", model.type()->name()->qualifiedName()},
+              {"supports", {{"data_parallel", true}, {"tensor_parallel", false}, {"pipeline_parallel", false}}},
+              {"modules", json::array()}};
   std::vector<std::string> hook_points;
   for (const auto& named : model.named_modules()) {
     json module{{"name", named.name}, {"type", named.value.type()->name()->name()}, {"parameters", json::object()},
@@ -71,7 +76,8 @@ json inspect(const std::string& model_path, const std::vector<std::string>& inpu
 }
 
 void print_text(const json& report) {
-  std::cout << report["model"].get<std::string>() << " (" << report["type"].get<std::string>() << ")\n";
+  std::cout << report["model"].get<std::string>() << " (" << report["type"].get<std::string>()
+            << "); parallelism: data yes, tensor no, pipeline no\n";
   const bool ran = std::any_of(report["modules"].begin(), report["modules"].end(),
                                [](const json& module) { return module.contains("outputs"); });
   std::cout << std::left << std::setw(28) << "MODULE" << std::setw(16) << "TYPE" << std::setw(30) << "PARAMETERS";

@@ -10,6 +10,7 @@
 #include "flexmodel/flexmodel.h"
 #include "flexmodel/hooks/editing.h"
 #include "flexmodel/parallel.h"
+#include "flexmodel/torchscript.h"
 
 namespace flexmodel {
 namespace {
@@ -115,6 +116,29 @@ TEST_F(ParallelGPTTest, GetModuleParameterGathersTheUnshardedWeight) {
 TEST_F(ParallelGPTTest, ANameOnNoStageIsAnErrorOnEveryRank) {
   EXPECT_THROW(fm->register_forward_hook(HookFunction("layers.9.mlp")), ConfigError);
   EXPECT_THROW(fm->get_module_parameter("layers.9.mlp.fc_in.weight"), ConfigError);
+}
+
+TEST(TorchScript, DataParallelCapturesAndLogitsEqualOneProcess) {
+  if (g_shape.tp != 1 || g_shape.pp != 1) {
+    GTEST_SKIP() << "a TorchScript model has no tensor-parallel layers or stages; this mesh is for ParallelGPT";
+  }
+  const std::string path = std::string(FLEXMODEL_FIXTURE_DIR) + "/gpt_scripted.pt";
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(5);
+  auto tokens = torch::randint(0, 256, {4, 12});
+  ScriptFlexModel single(path);
+  ScriptFlexModel sharded(path, FlexModelOptions().dp(g_shape.dp));
+  for (auto* fm : {&single, &sharded}) {
+    fm->create_hook_group("read", "layers.*.mlp");
+    fm->create_hook_group("edit", "layers.1.attn", {}, hooks::scale(0.25), 0);
+  }
+  auto expected = single.forward({tokens}).toTensor();
+  auto logits = sharded.forward({tokens}).toTensor();
+  if (dist::world_rank() != 0) return;
+  EXPECT_TRUE(torch::allclose(logits, expected, 1e-5, 1e-6));
+  for (const auto& name : {"layers.0.mlp", "layers.2.mlp"}) {
+    EXPECT_TRUE(torch::allclose(sharded.outputs().at(name)[0], single.outputs().at(name)[0], 1e-5, 1e-6)) << name;
+  }
 }
 
 TEST(Communicators, Bfloat16AndFloat16TravelIntact) {

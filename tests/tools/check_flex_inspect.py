@@ -43,6 +43,7 @@ def main(tool, fixtures):
         for parameter, shape in module["parameters"].items():
             assert list(getattr(eager[name], parameter).shape) == shape, (name, parameter)
     assert modules["layers"]["hookable"] is False
+    assert report["supports"] == {"data_parallel": True, "tensor_parallel": False, "pipeline_parallel": False}
 
     table = run(tool, model)
     assert table.returncode == 0 and "layers.1.mlp.fc_in" in table.stdout, table
