@@ -63,6 +63,8 @@ struct ModelState {
   std::uint64_t next_id = 1;
 
   std::shared_ptr<dist::Mesh> mesh;  // null in a single process
+  std::vector<std::shared_ptr<Sink>> sinks;
+  bool keep_outputs = true;
   bool distributed() const { return mesh != nullptr && mesh->distributed(); }
 
   SaveContext save_ctx;
@@ -431,6 +433,17 @@ FlexModelBase::FlexModelBase(std::shared_ptr<detail::ModelAdapter> adapter, Flex
                               options_.data_parallel_size};
   // Sizes (1, 1, 1) keep a FlexModel local to its process, even under mpirun.
   if (shape.size() != 1) state_->mesh = dist::Mesh::create(shape);
+  state_->keep_outputs = options_.keep_outputs;
+}
+
+void FlexModelBase::add_sink(std::shared_ptr<Sink> sink) {
+  FLEXMODEL_CHECK(sink != nullptr, ConfigError, "add_sink: the sink is empty");
+  state_->sinks.push_back(std::move(sink));
+}
+
+void FlexModelBase::close_sinks() {
+  for (auto& sink : state_->sinks) sink->close();
+  state_->sinks.clear();
 }
 
 FlexModelBase::~FlexModelBase() {
@@ -1005,7 +1018,18 @@ void FlexModelBase::ForwardScope::commit() {
     // Results land on rank 0 only.
     if (state_.mesh->rank() != 0) state_.pending.clear();
   }
-  state_.outputs.append_all(state_.pending);
+  if (!state_.sinks.empty() && (!state_.distributed() || state_.mesh->rank() == 0)) {
+    for (auto& capture : state_.pending) {
+      const torch::Tensor tensor = capture.copied.defined() ? capture.copied : detail::materialize(capture.pending);
+      for (auto& sink : state_.sinks) sink->write(capture.series->key.first, capture.series->key.second, state_.step, tensor);
+    }
+    for (auto& sink : state_.sinks) sink->end_step(state_.step);
+  }
+  if (state_.keep_outputs) {
+    state_.outputs.append_all(state_.pending);
+  } else {
+    state_.pending.clear();
+  }
   if (state_.check_unfired) warn_unfired(state_);
   ++state_.step;
   committed_ = true;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a Debian 12 machine for flexmodel, builds it, and runs a job.
-#   tools/setup.sh run    install, build, run the main job on the bundled default
+#   tools/setup.sh run    install, build, run the main job on the bundled default:
+#                         flex-dump of the bundled GPT's activations to build/acts.h5,
+#                         then read back with h5py
 #   tools/setup.sh test   install, build, run the whole test suite (ctest)
 #   tools/setup.sh deps   install the dependencies only
 # Idempotent: packages already present are not fetched again. BUILD_DIR picks
@@ -13,7 +15,7 @@ PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libtorch-dev libopenblas0-pthread
   libopenmpi-dev openmpi-bin
-  libhdf5-dev
+  libhdf5-dev zlib1g-dev hdf5-filter-plugin hdf5-filter-plugin-blosc-serial
   libspdlog-dev libcli11-dev nlohmann-json3-dev
   googletest libgtest-dev libgmock-dev libbenchmark-dev
   python3-torch python3-h5py python3-numpy
@@ -54,7 +56,11 @@ case "${1:-}" in
   run)
     install_dependencies
     build
-    "$BUILD_DIR/examples/gpt_hooks"
+    fixtures="$BUILD_DIR/tests/fixtures"
+    "$BUILD_DIR/tools/flex-dump" --model "$fixtures/gpt_scripted.pt" --input "$fixtures/tokens.npy" \
+      --hooks "layers.*.mlp,embed_tokens" --pre-hooks "lm_head" --out "$BUILD_DIR/acts.h5" --batch-size 1 --overwrite
+    /usr/bin/python3 -c "import h5py; f = h5py.File('$BUILD_DIR/acts.h5', 'r'); \
+print({name: f['activations'][name][kind].shape for name in f['activations'] for kind in f['activations'][name]})"
     ;;
   test)
     install_dependencies

@@ -29,6 +29,7 @@
 #include "flexmodel/hooked.h"
 #include "flexmodel/output_map.h"
 #include "flexmodel/pattern.h"
+#include "flexmodel/sink.h"
 
 namespace flexmodel {
 
@@ -66,6 +67,14 @@ struct FlexModelOptions {
   }
   FlexModelOptions& dp(std::int64_t size) {
     data_parallel_size = size;
+    return *this;
+  }
+
+  // Whether captures go to the output map; off when sinks (an HDF5 file) are
+  // the only destination, so that a long run holds no activations in memory.
+  bool keep_outputs = true;
+  FlexModelOptions& outputs(bool keep) {
+    keep_outputs = keep;
     return *this;
   }
 };
@@ -145,6 +154,11 @@ class FlexModelBase {
 
   // A detached CPU copy of a parameter; expected_shape is checked where given.
   torch::Tensor get_module_parameter(const std::string& name, const ExpectedShape& expected_shape = {}) const;
+
+  // Sinks get every forward's captures (on rank 0 under a mesh) once the
+  // forward succeeded, then end_step; close_sinks() closes them all.
+  void add_sink(std::shared_ptr<Sink> sink);
+  void close_sinks();
 
   // Captured activations: (module name, hook type) → one tensor per forward.
   OutputMap& outputs();

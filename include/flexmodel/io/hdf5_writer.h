@@ -1,0 +1,123 @@
+// HDF5Writer: a sink that appends every snapshot to an HDF5 file, one dataset
+// per hook point, on a background thread with a bounded memory budget.
+//
+//   flexmodel::io::HDF5Writer h5("acts.h5", flexmodel::io::HDF5WriterOptions().model("gpt2").compression("gzip:4"));
+//   h5.write("layers.0.mlp", flexmodel::HookType::forward, 0, snapshot);  // queued, not copied
+//   h5.end_step(0);                                                      // step 0 becomes durable
+//   h5.close();                                                          // or an error from the background
+//
+// Layout:
+//   /activations/<module_name>/<hook_type>   rows of every step concatenated along dim 0
+//                                            ("(root)" for the root module "", a 0-dim tensor is one row)
+//   /rows_per_step/<module_name>/<hook_type> int64 [steps]: rows each step added (0 where none);
+//                                            the dataset's attribute rows_per_step holds this path
+//   root attribute `steps`                   the number of committed steps; what a reader trusts
+//
+// Durability: once a step is committed (counted by committed_steps(); flush()
+// waits for it), a process killed at any later point leaves a file that h5py
+// opens and that holds it, but for a narrow window that HDF5 1.10 leaves open
+// (src/io/hdf5_writer.cpp says which). The file is created as `<path>.partial`
+// and renamed to `<path>` when its first step (or close()) commits.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include "flexmodel/hook_function.h"
+#include "flexmodel/sink.h"
+
+namespace flexmodel::io {
+
+struct HDF5WriterOptions {
+  // Root attributes that describe the run.
+  TORCH_ARG(std::string, model) = "";
+  TORCH_ARG(std::int64_t, tp) = 1;
+  TORCH_ARG(std::int64_t, pp) = 1;
+  TORCH_ARG(std::int64_t, dp) = 1;
+  // Empty: this process's own command line.
+  TORCH_ARG(std::string, command_line) = "";
+
+  // An existing file is replaced (overwrite, once the new file's first step
+  // commits) or continued (append; a missing file is created). With neither,
+  // an existing path is an IOError.
+  TORCH_ARG(bool, overwrite) = false;
+  TORCH_ARG(bool, append) = false;
+
+  // "none"; "gzip" or "gzip:N" (N 0-9, default 4; with shuffle; h5py reads it
+  // with no plugin); "lz4", "zstd[:N]", "blosc[:N]" need HDF5's filter plugins
+  // (Debian: hdf5-filter-plugin) to write and to read.
+  TORCH_ARG(std::string, compression) = "none";
+  // Threads that shuffle and deflate gzip chunks; 0: HDF5 compresses them in
+  // the writer thread (as h5py does).
+  TORCH_ARG(int, compression_threads) = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+
+  // bfloat16 is stored as float32 (exact) unless this keeps its raw bits as
+  // uint16, marked by the dataset attribute bfloat16_bits = 1.
+  TORCH_ARG(bool, keep_bfloat16_bits) = false;
+
+  // write() blocks while the snapshots queued and not yet written exceed this
+  // (one snapshot larger than the budget still passes when nothing else is queued).
+  TORCH_ARG(std::size_t, memory_budget) = std::size_t{1} << 30;
+
+  // A chunk holds one step's rows, split along dim 0 above max_chunk_bytes and
+  // merged across steps below min_chunk_bytes; a row larger than
+  // max_chunk_bytes is split along the next dims.
+  TORCH_ARG(std::size_t, min_chunk_bytes) = std::size_t{64} << 10;
+  TORCH_ARG(std::size_t, max_chunk_bytes) = std::size_t{4} << 20;
+
+  // fsync after every committed step (survives power loss, not only a killed
+  // process); close() always fsyncs.
+  TORCH_ARG(bool, fsync_each_step) = false;
+};
+
+// "/activations/<module_name or (root)>/<hook_type>"
+std::string hdf5_dataset_path(const std::string& module_name, HookType type);
+
+// Every call may come from any thread; the file is written by one background
+// thread. An error met there (disk full, an HDF5 failure) is thrown as IOError,
+// naming the file, the dataset and HDF5's error stack, by the next write(),
+// end_step() or flush(), and by close() if none of those has thrown it yet.
+class HDF5Writer final : public Sink {
+ public:
+  // Creates (or, with append, opens and checks) the file; IOError when the path
+  // exists and neither overwrite nor append is set, or when HDF5 fails, in
+  // which case no file is left behind.
+  explicit HDF5Writer(const std::string& path, HDF5WriterOptions options = {});
+  // Closes; an error is logged, never thrown.
+  ~HDF5Writer() override;
+
+  HDF5Writer(const HDF5Writer&) = delete;
+  HDF5Writer& operator=(const HDF5Writer&) = delete;
+
+  // Queues `snapshot` (kept by reference: nobody may write to it afterwards).
+  // ShapeError when its dtype or trailing shape differs from the dataset's, or
+  // its dtype or device cannot be stored.
+  void write(const std::string& module_name, HookType type, std::int64_t step,
+             const torch::Tensor& snapshot) override;
+  // Every write since the previous end_step forms the next step of the file.
+  void end_step(std::int64_t step) override;
+  // Blocks until every step ended so far is committed and every snapshot
+  // queued so far is written (the last rows of a step not yet ended wait for it).
+  void flush();
+  // Commits writes made after the last end_step as one more step, closes and fsyncs.
+  void close() override;
+
+  // Steps in the file that a killed process would keep, earlier runs' included.
+  std::int64_t committed_steps() const;
+  // Bytes of snapshots queued and not yet written.
+  std::size_t queued_bytes() const;
+  const std::string& path() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace flexmodel::io

@@ -1,0 +1,1481 @@
+// The HDF5 sink. One background thread makes every HDF5 call after the file
+// is opened; gzip chunks are shuffled and deflated by a small pool and written
+// whole with H5Dwrite_chunk, so the file reads as if HDF5 had compressed it.
+//
+// How a killed process keeps its committed steps (HDF5 1.10 has no journal):
+// - metadata reaches the file only at a commit: the metadata cache never
+//   evicts, and the file has no free-space manager (strategy NONE), so space
+//   that the last commit's metadata points at is never handed out again;
+// - after each commit the end of the allocated space (EOA) moves on by a byte,
+//   so that a block freed later is never "at the end" and reused by shrinking;
+// - a commit flushes twice: everything of the step, then the root attribute
+//   `steps`, the record a reader trusts, so a kill inside the first flush
+//   leaves the previous record;
+// - before a flush the file is extended to the EOA, since HDF5 refuses to open
+//   a file shorter than its superblock says;
+// - a step's last, partial chunk is written unfiltered (filter mask: skip
+//   all) and rewritten in place until full, so committed rows keep their place;
+// - superblock version 2 (no SWMR, no version 3) records no "open for writing"
+//   flag that would make h5py refuse the file after a crash.
+// What remains: HDF5 writes the superblock (with the end of the file) last in
+// a flush, so a kill inside the first flush of a commit that moves committed
+// metadata (a chunk-index node splits, a filled chunk is compressed to a new
+// place) can leave a file whose older rows h5py cannot read.
+#include "flexmodel/io/hdf5_writer.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <deque>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <future>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <hdf5.h>
+#include <zlib.h>
+
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include "flexmodel/error.h"
+#include "flexmodel/logging.h"
+#include "flexmodel/output_map.h"
+#include "flexmodel/version.h"
+
+namespace flexmodel::io {
+
+namespace {
+
+using detail::concat;
+
+constexpr std::int64_t kLayoutVersion = 1;
+constexpr const char* kRootGroupName = "(root)";
+constexpr hsize_t kRowsPerStepChunk = 1024;
+
+// ---- HDF5 errors ---------------------------------------------------------
+
+herr_t append_error(unsigned n, const H5E_error2_t* error, void* text_ptr) {
+  auto& text = *static_cast<std::string*>(text_ptr);
+  char minor[256] = "";
+  H5Eget_msg(error->min_num, nullptr, minor, sizeof minor);
+  std::string description = error->desc != nullptr ? error->desc : "";
+  std::replace(description.begin(), description.end(), '\n', ' ');  // sec2's messages embed ctime()
+  text += concat(n == 0 ? "" : "; ", error->func_name, "(): ", description);
+  if (minor[0] != '\0') text += concat(" (", minor, ")");
+  return 0;
+}
+
+// Empties this thread's HDF5 error stack into one line, innermost cause last.
+std::string take_error_stack() {
+  std::string text;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, append_error, &text);
+  H5Eclear2(H5E_DEFAULT);
+  return text.empty() ? "HDF5 left no error stack" : text;
+}
+
+[[noreturn]] void fail_hdf5(const char* source, int line, const std::string& what) {
+  detail::throw_error<IOError>(source, line, concat(what, "; HDF5 error stack: ", take_error_stack()));
+}
+
+// FLEXMODEL_H5(call, message parts...): the call's result, or IOError with the
+// message and HDF5's error stack when it is negative.
+#define FLEXMODEL_H5(call, ...)                                                          \
+  ([&] {                                                                                 \
+    auto result_ = (call);                                                               \
+    if (result_ < 0) [[unlikely]] {                                                      \
+      fail_hdf5(__FILE__, __LINE__, ::flexmodel::detail::concat(__VA_ARGS__));           \
+    }                                                                                    \
+    return result_;                                                                      \
+  }())
+
+// HDF5 prints its error stack to stderr unless told otherwise; this thread's
+// setting is restored on leaving, since it may belong to the application.
+class QuietErrors {
+ public:
+  QuietErrors() {
+    H5Eget_auto2(H5E_DEFAULT, &function_, &data_);
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  }
+  ~QuietErrors() { H5Eset_auto2(H5E_DEFAULT, function_, data_); }
+  QuietErrors(const QuietErrors&) = delete;
+  QuietErrors& operator=(const QuietErrors&) = delete;
+
+ private:
+  H5E_auto2_t function_ = nullptr;
+  void* data_ = nullptr;
+};
+
+// An HDF5 identifier closed on destruction (a failed close there has nobody to tell).
+class Handle {
+ public:
+  using Closer = herr_t (*)(hid_t);
+  Handle() = default;
+  Handle(hid_t id, Closer closer) : id_(id), closer_(closer) {}
+  Handle(Handle&& other) noexcept : id_(std::exchange(other.id_, H5I_INVALID_HID)), closer_(other.closer_) {}
+  Handle& operator=(Handle&& other) noexcept {
+    if (this != &other) {
+      reset();
+      id_ = std::exchange(other.id_, H5I_INVALID_HID);
+      closer_ = other.closer_;
+    }
+    return *this;
+  }
+  ~Handle() { reset(); }
+
+  hid_t get() const { return id_; }
+  explicit operator bool() const { return id_ >= 0; }
+  hid_t release() { return std::exchange(id_, H5I_INVALID_HID); }
+  void reset() {
+    if (id_ >= 0 && closer_(std::exchange(id_, H5I_INVALID_HID)) < 0) H5Eclear2(H5E_DEFAULT);
+  }
+
+ private:
+  hid_t id_ = H5I_INVALID_HID;
+  Closer closer_ = nullptr;
+};
+
+// ---- types and attributes ------------------------------------------------
+
+bool storable(c10::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kBool:
+    case torch::kUInt8:
+    case torch::kInt8:
+    case torch::kInt16:
+    case torch::kInt32:
+    case torch::kInt64:
+    case torch::kFloat16:
+    case torch::kBFloat16:
+    case torch::kFloat32:
+    case torch::kFloat64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::optional<c10::ScalarType> dtype_from_name(const std::string& name) {
+  for (auto dtype : {torch::kBool, torch::kUInt8, torch::kInt8, torch::kInt16, torch::kInt32, torch::kInt64,
+                     torch::kFloat16, torch::kBFloat16, torch::kFloat32, torch::kFloat64}) {
+    if (dtype_name(dtype) == name) return dtype;
+  }
+  return std::nullopt;
+}
+
+std::optional<HookType> hook_type_from_name(const std::string& name) {
+  for (auto type : {HookType::forward, HookType::forward_pre, HookType::full_backward, HookType::full_backward_pre,
+                    HookType::tensor}) {
+    if (to_string(type) == name) return type;
+  }
+  return std::nullopt;
+}
+
+// What a dataset holds and how: bfloat16 goes to disk as float32 unless its bits are kept.
+struct Storage {
+  c10::ScalarType dtype;
+  bool bfloat16_bits = false;
+
+  c10::ScalarType written() const {
+    return dtype == torch::kBFloat16 && !bfloat16_bits ? torch::kFloat32 : dtype;
+  }
+};
+
+Handle copy_type(hid_t type) { return Handle(FLEXMODEL_H5(H5Tcopy(type), "could not copy an HDF5 type"), H5Tclose); }
+
+// Little-endian file types, as h5py writes them: float16 is IEEE half built
+// from float32 (HDF5 1.10 has no predefined one), bool the enum {FALSE, TRUE}
+// of int8; numpy reads both back as float16 and bool.
+Handle file_type(const Storage& storage) {
+  switch (storage.dtype) {
+    case torch::kBool: {
+      Handle type(FLEXMODEL_H5(H5Tenum_create(H5T_NATIVE_INT8), "could not create the bool type"), H5Tclose);
+      const std::int8_t no = 0, yes = 1;
+      FLEXMODEL_H5(H5Tenum_insert(type.get(), "FALSE", &no), "could not create the bool type");
+      FLEXMODEL_H5(H5Tenum_insert(type.get(), "TRUE", &yes), "could not create the bool type");
+      return type;
+    }
+    case torch::kUInt8: return copy_type(H5T_STD_U8LE);
+    case torch::kInt8: return copy_type(H5T_STD_I8LE);
+    case torch::kInt16: return copy_type(H5T_STD_I16LE);
+    case torch::kInt32: return copy_type(H5T_STD_I32LE);
+    case torch::kInt64: return copy_type(H5T_STD_I64LE);
+    case torch::kFloat16: {
+      Handle type = copy_type(H5T_IEEE_F32LE);
+      FLEXMODEL_H5(H5Tset_fields(type.get(), 15, 10, 5, 0, 10), "could not create the float16 type");
+      FLEXMODEL_H5(H5Tset_size(type.get(), 2), "could not create the float16 type");
+      FLEXMODEL_H5(H5Tset_ebias(type.get(), 15), "could not create the float16 type");
+      return type;
+    }
+    case torch::kBFloat16: return copy_type(storage.bfloat16_bits ? H5T_STD_U16LE : H5T_IEEE_F32LE);
+    case torch::kFloat32: return copy_type(H5T_IEEE_F32LE);
+    case torch::kFloat64: return copy_type(H5T_IEEE_F64LE);
+    default: FLEXMODEL_FAIL(ShapeError, "HDF5Writer cannot store ", dtype_name(storage.dtype));
+  }
+}
+
+Handle utf8_string_type() {
+  Handle type = copy_type(H5T_C_S1);
+  FLEXMODEL_H5(H5Tset_size(type.get(), H5T_VARIABLE), "could not create a string type");
+  FLEXMODEL_H5(H5Tset_cset(type.get(), H5T_CSET_UTF8), "could not create a string type");
+  return type;
+}
+
+// Variable-length UTF-8 strings: h5py reads them as str.
+void write_attribute(hid_t object, const char* name, const std::string& value, const std::string& where) {
+  Handle type = utf8_string_type();
+  Handle space(FLEXMODEL_H5(H5Screate(H5S_SCALAR), "could not create a dataspace"), H5Sclose);
+  Handle attribute(FLEXMODEL_H5(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                                "could not create attribute '", name, "' of ", where),
+                   H5Aclose);
+  const char* text = value.c_str();
+  FLEXMODEL_H5(H5Awrite(attribute.get(), type.get(), &text), "could not write attribute '", name, "' of ", where);
+}
+
+// Scalar int64, created or overwritten in place.
+void write_attribute(hid_t object, const char* name, std::int64_t value, const std::string& where) {
+  Handle attribute;
+  if (FLEXMODEL_H5(H5Aexists(object, name), "could not look for attribute '", name, "' of ", where) > 0) {
+    attribute = Handle(FLEXMODEL_H5(H5Aopen(object, name, H5P_DEFAULT), "could not open attribute '", name, "' of ",
+                                    where),
+                       H5Aclose);
+  } else {
+    Handle space(FLEXMODEL_H5(H5Screate(H5S_SCALAR), "could not create a dataspace"), H5Sclose);
+    attribute = Handle(FLEXMODEL_H5(H5Acreate2(object, name, H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                                    "could not create attribute '", name, "' of ", where),
+                       H5Aclose);
+  }
+  FLEXMODEL_H5(H5Awrite(attribute.get(), H5T_NATIVE_INT64, &value), "could not write attribute '", name, "' of ",
+               where);
+}
+
+std::optional<std::string> read_string_attribute(hid_t object, const char* name, const std::string& where) {
+  if (FLEXMODEL_H5(H5Aexists(object, name), "could not look for attribute '", name, "' of ", where) <= 0) {
+    return std::nullopt;
+  }
+  Handle attribute(FLEXMODEL_H5(H5Aopen(object, name, H5P_DEFAULT), "could not open attribute '", name, "' of ", where),
+                   H5Aclose);
+  Handle stored(FLEXMODEL_H5(H5Aget_type(attribute.get()), "could not read attribute '", name, "' of ", where),
+                H5Tclose);
+  if (H5Tget_class(stored.get()) != H5T_STRING) return std::nullopt;
+  if (H5Tis_variable_str(stored.get()) > 0) {
+    Handle type = utf8_string_type();
+    char* text = nullptr;
+    FLEXMODEL_H5(H5Aread(attribute.get(), type.get(), &text), "could not read attribute '", name, "' of ", where);
+    std::string value = text != nullptr ? text : "";
+    H5free_memory(text);
+    return value;
+  }
+  std::string value(H5Tget_size(stored.get()), '\0');
+  FLEXMODEL_H5(H5Aread(attribute.get(), stored.get(), value.data()), "could not read attribute '", name, "' of ",
+               where);
+  return value.substr(0, value.find('\0'));
+}
+
+std::optional<std::int64_t> read_int_attribute(hid_t object, const char* name, const std::string& where) {
+  if (FLEXMODEL_H5(H5Aexists(object, name), "could not look for attribute '", name, "' of ", where) <= 0) {
+    return std::nullopt;
+  }
+  Handle attribute(FLEXMODEL_H5(H5Aopen(object, name, H5P_DEFAULT), "could not open attribute '", name, "' of ", where),
+                   H5Aclose);
+  std::int64_t value = 0;
+  FLEXMODEL_H5(H5Aread(attribute.get(), H5T_NATIVE_INT64, &value), "could not read attribute '", name, "' of ", where);
+  return value;
+}
+
+Handle open_or_create_group(hid_t parent, const std::string& name, const std::string& where) {
+  if (FLEXMODEL_H5(H5Lexists(parent, name.c_str(), H5P_DEFAULT), "could not look for group ", where) > 0) {
+    return Handle(FLEXMODEL_H5(H5Gopen2(parent, name.c_str(), H5P_DEFAULT), "could not open group ", where), H5Gclose);
+  }
+  return Handle(FLEXMODEL_H5(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                             "could not create group ", where),
+                H5Gclose);
+}
+
+herr_t append_link_name(hid_t, const char* name, const H5L_info_t*, void* names) {
+  static_cast<std::vector<std::string>*>(names)->emplace_back(name);
+  return 0;
+}
+
+std::vector<std::string> link_names(hid_t group, const std::string& where) {
+  std::vector<std::string> names;
+  FLEXMODEL_H5(H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, nullptr, append_link_name, &names),
+               "could not list the members of ", where);
+  return names;
+}
+
+// ---- compression ---------------------------------------------------------
+
+struct Compression {
+  enum class Kind : std::uint8_t { none, gzip, plugin };
+  Kind kind = Kind::none;
+  int level = 0;                   // gzip
+  H5Z_filter_t filter = 0;         // plugin
+  std::vector<unsigned> settings;  // plugin cd_values
+  std::string text;
+};
+
+int compression_level(const std::string& text, std::size_t colon, int fallback, int low, int high) {
+  if (colon == std::string::npos) return fallback;
+  const std::string digits = text.substr(colon + 1);
+  int level = -1;
+  if (!digits.empty() && digits.size() <= 2 && digits.find_first_not_of("0123456789") == std::string::npos) {
+    level = std::stoi(digits);
+  }
+  FLEXMODEL_CHECK(level >= low && level <= high, ConfigError, "compression '", text, "': the level after ':' is ", low,
+                  " to ", high);
+  return level;
+}
+
+Compression parse_compression(const std::string& text) {
+  const std::size_t colon = text.find(':');
+  const std::string name = text.substr(0, colon);
+  Compression compression;
+  compression.text = text;
+  if (name == "none" && colon == std::string::npos) return compression;
+  if (name == "gzip") {
+    compression.kind = Compression::Kind::gzip;
+    compression.level = compression_level(text, colon, 4, 0, 9);
+    return compression;
+  }
+  compression.kind = Compression::Kind::plugin;
+  const char* package = nullptr;  // Debian's package with HDF5's filter plugin
+  if (name == "lz4" && colon == std::string::npos) {
+    compression.filter = 32004;
+    compression.settings = {0};  // the filter's default block size
+    package = "hdf5-filter-plugin";
+  } else if (name == "zstd") {
+    compression.filter = 32015;
+    compression.settings = {static_cast<unsigned>(compression_level(text, colon, 3, 1, 22))};
+  } else if (name == "blosc") {
+    // Blosc's first four values are filled in by the filter; then level, byte shuffle, lz4.
+    compression.filter = 32001;
+    compression.settings = {0, 0, 0, 0, static_cast<unsigned>(compression_level(text, colon, 5, 0, 9)), 1, 1};
+    package = "hdf5-filter-plugin-blosc-serial";
+  } else {
+    FLEXMODEL_FAIL(ConfigError, "unknown compression '", text,
+                   "': use none, gzip[:0-9], lz4, zstd[:1-22] or blosc[:0-9]");
+  }
+  FLEXMODEL_CHECK(H5Zfilter_avail(compression.filter) > 0, ConfigError, "compression '", text,
+                  "' needs HDF5's filter plugin ", compression.filter, " (", name, "), which HDF5 cannot load: ",
+                  package != nullptr ? concat("install Debian's ", package, " (apt-get install ", package, ")")
+                                     : std::string("Debian ships none; build one"),
+                  " or point HDF5_PLUGIN_PATH at the plugin. Readers need it too; gzip needs no plugin");
+  H5Eclear2(H5E_DEFAULT);
+  return compression;
+}
+
+// HDF5's shuffle filter, by hand: byte j of every element goes to block j.
+void shuffle(const unsigned char* input, std::size_t bytes, std::size_t element, unsigned char* output) {
+  const std::size_t count = bytes / element;
+  for (std::size_t j = 0; j < element; ++j) {
+    unsigned char* block = output + j * count;
+    const unsigned char* source = input + j;
+    for (std::size_t i = 0; i < count; ++i) block[i] = source[i * element];
+  }
+  std::memcpy(output + count * element, input + count * element, bytes - count * element);
+}
+
+// HDF5's shuffle + deflate pipeline for one chunk, with a deflate stream kept per thread.
+std::vector<unsigned char> shuffle_deflate(const unsigned char* input, std::size_t bytes, std::size_t element,
+                                           int level) {
+  struct Deflater {
+    z_stream stream{};
+    int level = -1;
+    std::vector<unsigned char> shuffled;
+    ~Deflater() {
+      if (level >= 0) deflateEnd(&stream);
+    }
+  };
+  thread_local Deflater deflater;
+  if (deflater.level != level) {
+    if (deflater.level >= 0) deflateEnd(&deflater.stream);
+    deflater.level = -1;
+    deflater.stream = z_stream{};
+    FLEXMODEL_CHECK(deflateInit(&deflater.stream, level) == Z_OK, IOError, "zlib could not start deflate level ",
+                    level);
+    deflater.level = level;
+  } else {
+    deflateReset(&deflater.stream);
+  }
+  if (element > 1 && bytes >= 2 * element) {
+    deflater.shuffled.resize(bytes);
+    shuffle(input, bytes, element, deflater.shuffled.data());
+    input = deflater.shuffled.data();
+  }
+  std::vector<unsigned char> output(deflateBound(&deflater.stream, bytes));
+  deflater.stream.next_in = const_cast<Bytef*>(input);
+  deflater.stream.avail_in = static_cast<uInt>(bytes);
+  deflater.stream.next_out = output.data();
+  deflater.stream.avail_out = static_cast<uInt>(output.size());
+  const int status = deflate(&deflater.stream, Z_FINISH);
+  FLEXMODEL_CHECK(status == Z_STREAM_END, IOError, "zlib deflate failed (", status, "): ",
+                  deflater.stream.msg != nullptr ? deflater.stream.msg : "no message");
+  output.resize(deflater.stream.total_out);
+  return output;
+}
+
+// Compresses chunks on a few threads, first in first out.
+class CompressionPool {
+ public:
+  using Job = std::packaged_task<std::vector<unsigned char>()>;
+
+  explicit CompressionPool(int threads) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
+  }
+  ~CompressionPool() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    ready_.notify_all();
+    for (auto& thread : threads_) thread.join();
+  }
+  CompressionPool(const CompressionPool&) = delete;
+  CompressionPool& operator=(const CompressionPool&) = delete;
+
+  std::future<std::vector<unsigned char>> submit(std::function<std::vector<unsigned char>()> work) {
+    Job job(std::move(work));
+    auto result = job.get_future();
+    {
+      std::lock_guard lock(mutex_);
+      jobs_.push_back(std::move(job));
+    }
+    ready_.notify_one();
+    return result;
+  }
+
+  std::size_t size() const { return threads_.size(); }
+
+ private:
+  void run() {
+    pthread_setname_np(pthread_self(), "flexmodel-gzip");
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock lock(mutex_);
+        ready_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<Job> jobs_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+// ---- chunk shape ---------------------------------------------------------
+
+// One step's rows per chunk, split into even pieces above max_bytes and
+// merged across steps below min_bytes; a row larger than max_bytes is first
+// cut along its outer dims.
+std::vector<hsize_t> chunk_shape(hsize_t step_rows, const std::vector<hsize_t>& trailing, std::size_t element,
+                                 std::size_t min_bytes, std::size_t max_bytes) {
+  std::vector<hsize_t> chunk{1};
+  chunk.insert(chunk.end(), trailing.begin(), trailing.end());
+  hsize_t row_bytes = element;
+  for (hsize_t size : trailing) row_bytes *= size;
+  for (std::size_t d = 1; d < chunk.size() && row_bytes > max_bytes; ++d) {
+    const hsize_t inner = row_bytes / chunk[d];
+    chunk[d] = std::max<hsize_t>(1, max_bytes / inner);
+    row_bytes = inner * chunk[d];
+  }
+  const hsize_t rows = std::max<hsize_t>(1, step_rows);
+  const hsize_t step_bytes = rows * row_bytes;
+  if (step_bytes > max_bytes) {
+    const hsize_t pieces = (step_bytes + max_bytes - 1) / max_bytes;
+    chunk[0] = std::max<hsize_t>(1, std::min((rows + pieces - 1) / pieces, max_bytes / row_bytes));
+  } else if (step_bytes < min_bytes) {
+    const hsize_t steps = std::min((min_bytes + step_bytes - 1) / step_bytes, max_bytes / step_bytes);
+    chunk[0] = rows * std::max<hsize_t>(1, steps);
+  } else {
+    chunk[0] = rows;
+  }
+  return chunk;
+}
+
+std::string iso8601_utc_now() {
+  const std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  return text;
+}
+
+std::string own_command_line() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  while (!raw.empty() && raw.back() == '\0') raw.pop_back();
+  std::replace(raw.begin(), raw.end(), '\0', ' ');
+  return raw;
+}
+
+// fsync of a file and of the folder that names it.
+void sync_path(const std::string& path) {
+  for (const std::string& target : {path, std::filesystem::path(path).parent_path().string()}) {
+    const int fd = ::open(target.empty() ? "." : target.c_str(), O_RDONLY | O_CLOEXEC);
+    FLEXMODEL_CHECK(fd >= 0, IOError, "could not open '", target, "' to sync it: ", std::strerror(errno));
+    const int status = ::fsync(fd);
+    const int error = errno;
+    ::close(fd);
+    FLEXMODEL_CHECK(status == 0, IOError, "could not fsync '", target, "': ", std::strerror(error));
+  }
+}
+
+// Moves `from` to `to`; an existing `to` is replaced only when `replace` is set.
+void move_file(const std::string& from, const std::string& to, bool replace) {
+  int status = replace ? std::rename(from.c_str(), to.c_str())
+                       : ::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE);
+  if (status != 0 && !replace && errno == EINVAL) {  // a file system without RENAME_NOREPLACE
+    status = ::link(from.c_str(), to.c_str());
+    if (status == 0) ::unlink(from.c_str());
+  }
+  FLEXMODEL_CHECK(status == 0, IOError, "could not rename '", from, "' to '", to, "': ", std::strerror(errno),
+                  errno == EEXIST ? " (another program created it meanwhile)" : "");
+}
+
+}  // namespace
+
+std::string hdf5_dataset_path(const std::string& module_name, HookType type) {
+  return concat("/activations/", module_name.empty() ? kRootGroupName : module_name, "/", to_string(type));
+}
+
+// ---- the writer ----------------------------------------------------------
+
+class HDF5Writer::Impl {
+ public:
+  Impl(const std::string& path, HDF5WriterOptions options);
+
+  void write(const std::string& module_name, HookType type, std::int64_t step, const torch::Tensor& snapshot);
+  void end_step(std::int64_t step);
+  void flush();
+  void close();
+  std::int64_t committed_steps() const { return committed_steps_.load(std::memory_order_acquire); }
+  std::size_t queued_bytes() const {
+    std::lock_guard lock(mutex_);
+    return queued_bytes_;
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  using Key = std::pair<std::string, HookType>;
+
+  // What write() checks a snapshot against, on the caller's side.
+  struct Layout {
+    Storage storage;
+    std::vector<std::int64_t> trailing;
+  };
+
+  enum class WriteMode : std::uint8_t {
+    raw_chunks,      // H5Dwrite_chunk of the bytes as they are
+    deflate_chunks,  // shuffled and deflated by the pool, then H5Dwrite_chunk
+    hdf5_filters,    // H5Dwrite: HDF5 runs the filters in this thread
+  };
+
+  struct Dataset {
+    std::string path;
+    Handle data, rows_per_step, type;
+    Storage storage;
+    std::vector<hsize_t> chunk;  // chunk[0] rows, then the trailing dims' chunk sizes
+    std::vector<hsize_t> trailing;
+    std::size_t element = 0;
+    WriteMode mode = WriteMode::raw_chunks;
+    int level = 0;
+    std::uint32_t unfiltered = 0;  // the filter mask that skips every filter
+    hsize_t rows = 0;       // in the dataset, the current step's included
+    hsize_t step_rows = 0;  // added since the last commit
+    // Rows [tail_start, rows) of the last, incomplete chunk row, zero padded to chunk[0] rows.
+    torch::Tensor tail;
+    hsize_t tail_start = 0;
+    bool tail_dirty = false;
+  };
+
+  struct Item {
+    enum class Kind : std::uint8_t { data, end_step, flush, close };
+    Kind kind = Kind::data;
+    std::uint64_t sequence = 0;
+    std::int64_t step = 0;
+    Key key;
+    torch::Tensor tensor;
+    // Gives the snapshot's bytes back to the budget once nothing refers to it.
+    std::shared_ptr<void> budget;
+  };
+
+  struct InFlight {
+    Dataset* dataset;
+    std::vector<hsize_t> offset;
+    std::int64_t step;
+    std::future<std::vector<unsigned char>> bytes;
+    std::shared_ptr<void> budget;
+  };
+
+  // Caller side.
+  void check_usable(const char* call);
+  std::uint64_t enqueue(Item item, std::unique_lock<std::mutex>& lock);
+  void check_layout(const Key& key, const Layout& layout);
+  void release_budget(std::size_t bytes);
+
+  // Opening.
+  void create_file();
+  void open_file();
+  Handle file_access() const;
+  void load_dataset(const std::string& path);
+  WriteMode mode_for(hid_t creation, const Dataset& dataset, int& level) const;
+  std::string where(const std::string& object) const { return concat("'", object, "' in '", path_, "'"); }
+
+  // Writer thread.
+  void run();
+  void process(Item& item);
+  void fail(std::exception_ptr error);
+  void abandon();
+  Dataset& dataset_for(const Key& key, const torch::Tensor& rows);
+  void append(Item& item);
+  void emit(Dataset& dataset, hsize_t row, torch::Tensor slab, const std::shared_ptr<void>& budget,
+            bool partial = false);
+  void write_chunk(Dataset& dataset, const std::vector<hsize_t>& offset, const void* bytes, std::size_t size,
+                   std::int64_t step, std::uint32_t filter_mask = 0);
+  void write_rows(Dataset& dataset, hsize_t row, const torch::Tensor& slab);
+  void write_in_flight(std::size_t keep);
+  void set_extent(Dataset& dataset);
+  void commit(bool new_step, bool last = false);
+  void flush_file(const char* what);
+  std::string dataset_list() const;
+  void finish();
+
+  const std::string path_;
+  const HDF5WriterOptions options_;
+  const Compression compression_;
+
+  // Shared with the writer thread under mutex_.
+  mutable std::mutex mutex_;
+  std::condition_variable queued_, space_, done_;
+  std::deque<Item> queue_;
+  std::size_t queued_bytes_ = 0;
+  std::uint64_t next_sequence_ = 0, done_sequence_ = 0;
+  std::exception_ptr error_;
+  bool error_reported_ = false;
+  bool closing_ = false;
+  std::map<Key, Layout> layouts_;
+  std::atomic<std::int64_t> committed_steps_{0};
+  std::mutex close_mutex_;
+
+  // The writer thread's (and the constructor's, before it starts).
+  Handle file_, activations_, rows_per_step_;
+  std::string file_path_;  // where the file is now: `<path>.partial` until published
+  bool published_ = false;
+  int file_descriptor_ = -1;
+  std::map<Key, std::unique_ptr<Dataset>> datasets_;
+  std::int64_t steps_ = 0;
+  std::int64_t step_ = 0;  // the caller's step of the snapshot being written
+  bool step_has_writes_ = false;
+  bool failed_ = false;
+  std::deque<InFlight> in_flight_;
+  std::unique_ptr<CompressionPool> pool_;
+  std::thread thread_;
+};
+
+HDF5Writer::Impl::Impl(const std::string& path, HDF5WriterOptions options)
+    : path_(path), options_(std::move(options)), compression_([&] {
+        QuietErrors quiet;
+        return parse_compression(options_.compression());
+      }()) {
+  FLEXMODEL_CHECK(!(options_.overwrite() && options_.append()), ConfigError, "HDF5Writer for '", path_,
+                  "': overwrite and append exclude each other");
+  FLEXMODEL_CHECK(options_.memory_budget() > 0, ConfigError, "HDF5Writer: memory_budget must be positive");
+  FLEXMODEL_CHECK(options_.min_chunk_bytes() > 0 && options_.min_chunk_bytes() <= options_.max_chunk_bytes() &&
+                      options_.max_chunk_bytes() < (std::size_t{1} << 32),
+                  ConfigError, "HDF5Writer: chunk bytes need 0 < min_chunk_bytes (", options_.min_chunk_bytes(),
+                  ") <= max_chunk_bytes (", options_.max_chunk_bytes(), ") < 4 GiB");
+  FLEXMODEL_CHECK(options_.compression_threads() >= 0, ConfigError, "HDF5Writer: compression_threads is ",
+                  options_.compression_threads(), ", expected 0 or more");
+  FLEXMODEL_CHECK(options_.tp() >= 1 && options_.pp() >= 1 && options_.dp() >= 1, ConfigError,
+                  "HDF5Writer: tp, pp and dp are at least 1");
+
+  QuietErrors quiet;
+  const bool exists = std::filesystem::exists(path_);
+  FLEXMODEL_CHECK(!exists || options_.overwrite() || options_.append(), IOError, "'", path_,
+                  "' exists: set overwrite(true) to replace it or append(true) to continue it");
+  if (exists && options_.append()) {
+    open_file();
+  } else {
+    create_file();
+  }
+  committed_steps_.store(steps_, std::memory_order_release);
+  const bool deflating = compression_.kind == Compression::Kind::gzip ||
+                         std::any_of(datasets_.begin(), datasets_.end(), [](const auto& entry) {
+                           return entry.second->mode == WriteMode::deflate_chunks;
+                         });
+  if (deflating && options_.compression_threads() > 0) {
+    pool_ = std::make_unique<CompressionPool>(options_.compression_threads());
+  }
+  logger()->info("HDF5Writer: writing '{}' (compression {}, {} steps already)", path_, compression_.text, steps_);
+  thread_ = std::thread([this] { run(); });
+}
+
+Handle HDF5Writer::Impl::file_access() const {
+  Handle access(FLEXMODEL_H5(H5Pcreate(H5P_FILE_ACCESS), "could not create a property list"), H5Pclose);
+  // Metadata reaches the file only when a step commits (see the top of this file).
+  H5AC_cache_config_t cache{};
+  cache.version = H5AC__CURR_CACHE_CONFIG_VERSION;
+  FLEXMODEL_H5(H5Pget_mdc_config(access.get(), &cache), "could not read the metadata cache settings");
+  cache.evictions_enabled = false;
+  cache.incr_mode = H5C_incr__off;
+  cache.flash_incr_mode = H5C_flash_incr__off;
+  cache.decr_mode = H5C_decr__off;
+  FLEXMODEL_H5(H5Pset_mdc_config(access.get(), &cache), "could not set the metadata cache settings");
+  return access;
+}
+
+void HDF5Writer::Impl::create_file() {
+  file_path_ = path_ + ".partial";
+  try {
+    Handle creation(FLEXMODEL_H5(H5Pcreate(H5P_FILE_CREATE), "could not create a property list"), H5Pclose);
+    FLEXMODEL_H5(H5Pset_file_space_strategy(creation.get(), H5F_FSPACE_STRATEGY_NONE, 0, 1),
+                 "could not set the file space strategy");
+    Handle access = file_access();
+    file_ = Handle(FLEXMODEL_H5(H5Fcreate(file_path_.c_str(), H5F_ACC_TRUNC, creation.get(), access.get()),
+                                "could not create '", file_path_, "' (for '", path_, "')"),
+                   H5Fclose);
+    const hid_t root = file_.get();
+    const std::string at = where("/");
+    write_attribute(root, "layout_version", kLayoutVersion, at);
+    write_attribute(root, "flexmodel_version", std::string(kVersion), at);
+    write_attribute(root, "model", options_.model(), at);
+    write_attribute(root, "tp", options_.tp(), at);
+    write_attribute(root, "pp", options_.pp(), at);
+    write_attribute(root, "dp", options_.dp(), at);
+    write_attribute(root, "command_line",
+                    options_.command_line().empty() ? own_command_line() : options_.command_line(), at);
+    write_attribute(root, "created", iso8601_utc_now(), at);
+    write_attribute(root, "steps", std::int64_t{0}, at);
+    activations_ = open_or_create_group(root, "activations", where("/activations"));
+    rows_per_step_ = open_or_create_group(root, "rows_per_step", where("/rows_per_step"));
+    void* handle = nullptr;
+    FLEXMODEL_H5(H5Fget_vfd_handle(root, H5P_DEFAULT, &handle), "could not get the descriptor of '", file_path_, "'");
+    file_descriptor_ = *static_cast<int*>(handle);
+  } catch (...) {
+    activations_.reset();
+    rows_per_step_.reset();
+    file_.reset();
+    H5Eclear2(H5E_DEFAULT);
+    std::filesystem::remove(file_path_);  // a file that failed half-way is no file
+    throw;
+  }
+}
+
+void HDF5Writer::Impl::open_file() {
+  file_path_ = path_;
+  published_ = true;
+  Handle access = file_access();
+  file_ = Handle(FLEXMODEL_H5(H5Fopen(path_.c_str(), H5F_ACC_RDWR, access.get()), "could not open '", path_,
+                              "' to append to it"),
+                 H5Fclose);
+  const hid_t root = file_.get();
+  const std::string at = where("/");
+  const auto version = read_int_attribute(root, "layout_version", at);
+  FLEXMODEL_CHECK(version.has_value(), IOError, "cannot append to '", path_,
+                  "': it has no root attribute layout_version, so flexmodel did not write it");
+  FLEXMODEL_CHECK(*version == kLayoutVersion, IOError, "cannot append to '", path_, "': its layout_version is ",
+                  *version, ", this flexmodel writes ", kLayoutVersion);
+  steps_ = read_int_attribute(root, "steps", at).value_or(0);
+  const auto model = read_string_attribute(root, "model", at).value_or("");
+  const auto tp = read_int_attribute(root, "tp", at).value_or(1), pp = read_int_attribute(root, "pp", at).value_or(1),
+             dp = read_int_attribute(root, "dp", at).value_or(1);
+  if (model != options_.model() || tp != options_.tp() || pp != options_.pp() || dp != options_.dp()) {
+    logger()->warn("HDF5Writer: appending to '{}', written for model '{}' (tp {}, pp {}, dp {}), from model '{}' "
+                   "(tp {}, pp {}, dp {}); its root attributes stay",
+                   path_, model, tp, pp, dp, options_.model(), options_.tp(), options_.pp(), options_.dp());
+  }
+  activations_ = open_or_create_group(root, "activations", where("/activations"));
+  rows_per_step_ = open_or_create_group(root, "rows_per_step", where("/rows_per_step"));
+  for (const auto& module : link_names(activations_.get(), where("/activations"))) {
+    Handle group(FLEXMODEL_H5(H5Gopen2(activations_.get(), module.c_str(), H5P_DEFAULT), "could not open ",
+                              where("/activations/" + module)),
+                 H5Gclose);
+    for (const auto& hook : link_names(group.get(), where("/activations/" + module))) {
+      load_dataset(concat("/activations/", module, "/", hook));
+    }
+  }
+  void* handle = nullptr;
+  FLEXMODEL_H5(H5Fget_vfd_handle(root, H5P_DEFAULT, &handle), "could not get the descriptor of '", path_, "'");
+  file_descriptor_ = *static_cast<int*>(handle);
+}
+
+HDF5Writer::Impl::WriteMode HDF5Writer::Impl::mode_for(hid_t creation, const Dataset& dataset, int& level) const {
+  const int count = FLEXMODEL_H5(H5Pget_nfilters(creation), "could not read the filters of ", where(dataset.path));
+  std::vector<H5Z_filter_t> filters;
+  for (int i = 0; i < count; ++i) {
+    unsigned flags = 0, config = 0;
+    std::size_t values = 1;
+    unsigned value[1] = {0};
+    char name[64];
+    const H5Z_filter_t filter = FLEXMODEL_H5(
+        H5Pget_filter2(creation, static_cast<unsigned>(i), &flags, &values, value, sizeof name, name, &config),
+        "could not read the filters of ", where(dataset.path));
+    FLEXMODEL_CHECK(H5Zfilter_avail(filter) > 0, IOError, "cannot append to ", where(dataset.path),
+                    ": HDF5 cannot load its filter ", filter, " (", name,
+                    "): install Debian's hdf5-filter-plugin or set HDF5_PLUGIN_PATH");
+    if (filter == H5Z_FILTER_DEFLATE) level = static_cast<int>(value[0]);
+    filters.push_back(filter);
+  }
+  if (filters.empty()) return WriteMode::raw_chunks;
+  if (options_.compression_threads() > 0 &&
+      filters == std::vector<H5Z_filter_t>{H5Z_FILTER_SHUFFLE, H5Z_FILTER_DEFLATE}) {
+    return WriteMode::deflate_chunks;
+  }
+  return WriteMode::hdf5_filters;
+}
+
+void HDF5Writer::Impl::load_dataset(const std::string& path) {
+  auto dataset = std::make_unique<Dataset>();
+  dataset->path = path;
+  const std::string at = where(path);
+  dataset->data = Handle(FLEXMODEL_H5(H5Dopen2(file_.get(), path.c_str(), H5P_DEFAULT), "could not open ", at),
+                         H5Dclose);
+  const hid_t data = dataset->data.get();
+  const auto module_name = read_string_attribute(data, "module_name", at);
+  const auto hook_type = hook_type_from_name(read_string_attribute(data, "hook_type", at).value_or(""));
+  const auto dtype = dtype_from_name(read_string_attribute(data, "torch_dtype", at).value_or(""));
+  const auto rows_path = read_string_attribute(data, "rows_per_step", at);
+  FLEXMODEL_CHECK(module_name && hook_type && dtype && rows_path, IOError, "cannot append to '", path_, "': ", at,
+                  " lacks one of the attributes module_name, hook_type, torch_dtype, rows_per_step");
+  dataset->storage = {*dtype, read_int_attribute(data, "bfloat16_bits", at).value_or(0) == 1};
+  dataset->type = Handle(FLEXMODEL_H5(H5Dget_type(data), "could not read the type of ", at), H5Tclose);
+  Handle expected = file_type(dataset->storage);
+  FLEXMODEL_CHECK(FLEXMODEL_H5(H5Tequal(dataset->type.get(), expected.get()), "could not compare types") > 0, IOError,
+                  "cannot append to ", at, ": its HDF5 type is not the one flexmodel writes for torch_dtype ",
+                  dtype_name(*dtype));
+  dataset->element = H5Tget_size(dataset->type.get());
+
+  Handle space(FLEXMODEL_H5(H5Dget_space(data), "could not read the shape of ", at), H5Sclose);
+  const int rank = FLEXMODEL_H5(H5Sget_simple_extent_ndims(space.get()), "could not read the shape of ", at);
+  std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
+  FLEXMODEL_H5(H5Sget_simple_extent_dims(space.get(), dims.data(), nullptr), "could not read the shape of ", at);
+  dataset->trailing.assign(dims.begin() + 1, dims.end());
+  Handle creation(FLEXMODEL_H5(H5Dget_create_plist(data), "could not read the layout of ", at), H5Pclose);
+  dataset->chunk.resize(dims.size());
+  FLEXMODEL_H5(H5Pget_chunk(creation.get(), rank, dataset->chunk.data()), "could not read the chunks of ", at);
+  dataset->mode = mode_for(creation.get(), *dataset, dataset->level);
+  dataset->unfiltered = (std::uint32_t{1} << H5Pget_nfilters(creation.get())) - 1;
+
+  // Rows of committed steps only: a step cut off by a crash is dropped.
+  dataset->rows_per_step = Handle(FLEXMODEL_H5(H5Dopen2(file_.get(), rows_path->c_str(), H5P_DEFAULT),
+                                               "could not open ", where(*rows_path)),
+                                  H5Dclose);
+  Handle rows_space(FLEXMODEL_H5(H5Dget_space(dataset->rows_per_step.get()), "could not read the shape of ",
+                                 where(*rows_path)),
+                    H5Sclose);
+  hsize_t recorded = 0;
+  FLEXMODEL_H5(H5Sget_simple_extent_dims(rows_space.get(), &recorded, nullptr), "could not read the shape of ",
+               where(*rows_path));
+  FLEXMODEL_CHECK(recorded >= static_cast<hsize_t>(steps_), IOError, "cannot append to '", path_, "': ",
+                  where(*rows_path), " has ", recorded, " steps, the file ", steps_);
+  std::vector<std::int64_t> rows(recorded);
+  if (recorded > 0) {
+    FLEXMODEL_H5(H5Dread(dataset->rows_per_step.get(), H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, rows.data()),
+                 "could not read ", where(*rows_path));
+  }
+  for (std::int64_t step = 0; step < steps_; ++step) dataset->rows += static_cast<hsize_t>(rows[step]);
+  FLEXMODEL_CHECK(dataset->rows <= dims[0], IOError, "cannot append to ", at, ": it has ", dims[0],
+                  " rows, its rows_per_step say ", dataset->rows);
+  if (recorded > static_cast<hsize_t>(steps_) || dims[0] > dataset->rows) {
+    logger()->warn("HDF5Writer: dropping {} rows of {} that a step cut off before its commit left", dims[0] - dataset->rows,
+                   at);
+    const hsize_t steps = static_cast<hsize_t>(steps_);
+    FLEXMODEL_H5(H5Dset_extent(dataset->rows_per_step.get(), &steps), "could not shrink ", where(*rows_path));
+    set_extent(*dataset);
+  }
+
+  const Storage storage = dataset->storage;
+  if (const hsize_t have = dataset->rows % dataset->chunk[0]; have > 0) {
+    std::vector<std::int64_t> slab{static_cast<std::int64_t>(dataset->chunk[0])};
+    slab.insert(slab.end(), dataset->trailing.begin(), dataset->trailing.end());
+    dataset->tail = torch::zeros(slab, torch::TensorOptions().dtype(storage.written()));
+    dataset->tail_start = dataset->rows - have;
+    std::vector<hsize_t> start(dims.size(), 0), count = dims;
+    start[0] = dataset->tail_start;
+    count[0] = have;
+    Handle file_space(FLEXMODEL_H5(H5Dget_space(data), "could not read ", at), H5Sclose);
+    FLEXMODEL_H5(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
+                 "could not select the last rows of ", at);
+    Handle memory(FLEXMODEL_H5(H5Screate_simple(rank, count.data(), nullptr), "could not create a dataspace"),
+                  H5Sclose);
+    FLEXMODEL_H5(H5Dread(data, dataset->type.get(), memory.get(), file_space.get(), H5P_DEFAULT,
+                         dataset->tail.data_ptr()),
+                 "could not read the last rows of ", at);
+  }
+  const Key key(*module_name, *hook_type);
+  layouts_[key] = Layout{storage, std::vector<std::int64_t>(dataset->trailing.begin(), dataset->trailing.end())};
+  datasets_[key] = std::move(dataset);
+}
+
+// ---- caller side ---------------------------------------------------------
+
+void HDF5Writer::Impl::check_usable(const char* call) {
+  if (error_) {
+    error_reported_ = true;
+    std::rethrow_exception(error_);
+  }
+  FLEXMODEL_CHECK(!closing_, ConfigError, "HDF5Writer for '", path_, "': ", call, "() after close()");
+}
+
+std::uint64_t HDF5Writer::Impl::enqueue(Item item, std::unique_lock<std::mutex>& lock) {
+  item.sequence = ++next_sequence_;
+  const std::uint64_t sequence = item.sequence;
+  queue_.push_back(std::move(item));
+  lock.unlock();
+  queued_.notify_one();
+  return sequence;
+}
+
+void HDF5Writer::Impl::check_layout(const Key& key, const Layout& layout) {
+  auto [found, inserted] = layouts_.emplace(key, layout);
+  if (inserted) return;
+  const Layout& known = found->second;
+  const std::string dataset = hdf5_dataset_path(key.first, key.second);
+  FLEXMODEL_CHECK(known.storage.dtype == layout.storage.dtype, ShapeError, "HDF5Writer: '", dataset, "' in '", path_,
+                  "' holds ", dtype_name(known.storage.dtype), ", the snapshot is ", dtype_name(layout.storage.dtype));
+  FLEXMODEL_CHECK(known.storage.bfloat16_bits == layout.storage.bfloat16_bits, ShapeError, "HDF5Writer: '", dataset,
+                  "' in '", path_, "' stores bfloat16 ", known.storage.bfloat16_bits ? "as raw bits" : "as float32",
+                  ": open it with keep_bfloat16_bits(", known.storage.bfloat16_bits ? "true" : "false", ")");
+  FLEXMODEL_CHECK(known.trailing == layout.trailing, ShapeError, "HDF5Writer: '", dataset, "' in '", path_,
+                  "' has rows of shape ", c10::IntArrayRef(known.trailing), ", the snapshot's rows are ",
+                  c10::IntArrayRef(layout.trailing), " (only dim 0 may change between writes)");
+}
+
+void HDF5Writer::Impl::release_budget(std::size_t bytes) {
+  {
+    std::lock_guard lock(mutex_);
+    queued_bytes_ -= bytes;
+  }
+  space_.notify_all();
+}
+
+void HDF5Writer::Impl::write(const std::string& module_name, HookType type, std::int64_t step,
+                             const torch::Tensor& snapshot) {
+  const std::string dataset = hdf5_dataset_path(module_name, type);
+  FLEXMODEL_CHECK(snapshot.defined(), ShapeError, "HDF5Writer: the snapshot for '", dataset, "' is undefined");
+  FLEXMODEL_CHECK(snapshot.device().is_cpu() && snapshot.layout() == torch::kStrided, ShapeError,
+                  "HDF5Writer takes dense CPU snapshots; the one for '", dataset, "' is on ", snapshot.device(),
+                  " with layout ", snapshot.layout());
+  FLEXMODEL_CHECK(storable(snapshot.scalar_type()), ShapeError, "HDF5Writer cannot store ",
+                  dtype_name(snapshot.scalar_type()), " (for '", dataset,
+                  "'): it stores bool, uint8, int8, int16, int32, int64, float16, bfloat16, float32 and float64");
+  FLEXMODEL_CHECK(module_name.find('/') == std::string::npos, ConfigError, "HDF5Writer: module name '", module_name,
+                  "' contains '/', which HDF5 reads as a path");
+  Layout layout{{snapshot.scalar_type(), snapshot.scalar_type() == torch::kBFloat16 && options_.keep_bfloat16_bits()},
+                {}};
+  if (snapshot.dim() > 1) layout.trailing.assign(snapshot.sizes().begin() + 1, snapshot.sizes().end());
+  for (std::int64_t size : layout.trailing) {
+    FLEXMODEL_CHECK(size > 0, ShapeError, "HDF5Writer: the snapshot for '", dataset, "' has shape ", snapshot.sizes(),
+                    "; only dim 0 may be empty");
+  }
+  const std::size_t bytes = snapshot.nbytes();
+  Key key(module_name, type);
+
+  std::unique_lock lock(mutex_);
+  check_usable("write");
+  check_layout(key, layout);
+  space_.wait(lock, [&] {
+    return error_ != nullptr || queued_bytes_ == 0 || queued_bytes_ + bytes <= options_.memory_budget();
+  });
+  check_usable("write");
+  queued_bytes_ += bytes;
+  Item item;
+  item.kind = Item::Kind::data;
+  item.step = step;
+  item.key = std::move(key);
+  item.tensor = snapshot;
+  item.budget = std::shared_ptr<void>(nullptr, [this, bytes](void*) { release_budget(bytes); });
+  enqueue(std::move(item), lock);
+}
+
+void HDF5Writer::Impl::end_step(std::int64_t step) {
+  std::unique_lock lock(mutex_);
+  check_usable("end_step");
+  Item item;
+  item.kind = Item::Kind::end_step;
+  item.step = step;
+  enqueue(std::move(item), lock);
+}
+
+void HDF5Writer::Impl::flush() {
+  std::unique_lock lock(mutex_);
+  check_usable("flush");
+  Item item;
+  item.kind = Item::Kind::flush;
+  const std::uint64_t sequence = enqueue(std::move(item), lock);
+  lock.lock();
+  done_.wait(lock, [&] { return error_ != nullptr || done_sequence_ >= sequence; });
+  check_usable("flush");
+}
+
+void HDF5Writer::Impl::close() {
+  std::lock_guard closing(close_mutex_);
+  if (thread_.joinable()) {
+    std::unique_lock lock(mutex_);
+    closing_ = true;
+    Item item;
+    item.kind = Item::Kind::close;
+    enqueue(std::move(item), lock);
+    thread_.join();
+    pool_.reset();
+  }
+  std::lock_guard lock(mutex_);
+  if (error_ && !error_reported_) {
+    error_reported_ = true;
+    std::rethrow_exception(error_);
+  }
+}
+
+// ---- writer thread -------------------------------------------------------
+
+void HDF5Writer::Impl::run() {
+  pthread_setname_np(pthread_self(), "flexmodel-hdf5");
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // this thread's errors are collected into exceptions
+  torch::NoGradGuard no_grad;
+  for (;;) {
+    Item item;
+    {
+      std::unique_lock lock(mutex_);
+      if (queue_.empty() && !in_flight_.empty()) {
+        // Nothing new: write what the pool has compressed, giving budget back.
+        lock.unlock();
+        try {
+          write_in_flight(in_flight_.size() - 1);
+        } catch (...) {
+          fail(std::current_exception());
+        }
+        continue;
+      }
+      queued_.wait(lock, [&] { return !queue_.empty(); });
+      item = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    if (!failed_) {
+      try {
+        process(item);
+      } catch (...) {
+        fail(std::current_exception());
+      }
+    }
+    const Item::Kind kind = item.kind;
+    const std::uint64_t sequence = item.sequence;
+    item = Item();  // drops the snapshot and, unless a chunk still needs it, its budget
+    {
+      std::lock_guard lock(mutex_);
+      done_sequence_ = sequence;
+    }
+    done_.notify_all();
+    if (kind == Item::Kind::close) return;
+  }
+}
+
+void HDF5Writer::Impl::process(Item& item) {
+  switch (item.kind) {
+    case Item::Kind::data:
+      append(item);
+      break;
+    case Item::Kind::end_step:
+      commit(true);
+      break;
+    case Item::Kind::flush:
+      write_in_flight(0);
+      break;
+    case Item::Kind::close:
+      finish();
+      break;
+  }
+}
+
+void HDF5Writer::Impl::fail(std::exception_ptr error) {
+  {
+    std::lock_guard lock(mutex_);
+    if (!error_) error_ = error;
+  }
+  failed_ = true;
+  space_.notify_all();
+  done_.notify_all();
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    logger()->debug("HDF5Writer: stopped writing '{}': {}", path_, e.what());
+  }
+  abandon();
+}
+
+void HDF5Writer::Impl::abandon() {
+  for (auto& chunk : in_flight_) {
+    if (chunk.bytes.valid()) chunk.bytes.wait();
+  }
+  in_flight_.clear();
+  if (file_) {
+    // Whatever closing would write belongs to the failed step, and HDF5 1.10
+    // leaves a file it failed to close half torn down (to crash at exit). So
+    // its descriptor is swapped for an anonymous in-memory file: closing
+    // succeeds, and the file on disk keeps its last commit.
+    const int scratch = ::memfd_create("flexmodel-hdf5-abandoned", MFD_CLOEXEC);
+    if (scratch >= 0) {
+      ::dup2(scratch, file_descriptor_);
+      ::close(scratch);
+    }
+    datasets_.clear();
+    activations_.reset();
+    rows_per_step_.reset();
+    if (H5Fclose(file_.release()) < 0) {
+      logger()->warn("HDF5Writer: could not close '{}' after an error: {}", path_, take_error_stack());
+    }
+  }
+  if (!published_) {
+    std::error_code ignored;
+    std::filesystem::remove(file_path_, ignored);
+  }
+}
+
+HDF5Writer::Impl::Dataset& HDF5Writer::Impl::dataset_for(const Key& key, const torch::Tensor& rows) {
+  if (auto found = datasets_.find(key); found != datasets_.end()) return *found->second;
+  auto dataset = std::make_unique<Dataset>();
+  const std::string group_name = key.first.empty() ? kRootGroupName : key.first;
+  const std::string hook = std::string(to_string(key.second));
+  dataset->path = hdf5_dataset_path(key.first, key.second);
+  const std::string at = where(dataset->path);
+  dataset->storage = {rows.scalar_type(), rows.scalar_type() == torch::kBFloat16 && options_.keep_bfloat16_bits()};
+  dataset->type = file_type(dataset->storage);
+  dataset->element = H5Tget_size(dataset->type.get());
+  dataset->trailing.assign(rows.sizes().begin() + 1, rows.sizes().end());
+  dataset->chunk = chunk_shape(static_cast<hsize_t>(rows.size(0)), dataset->trailing, dataset->element,
+                               options_.min_chunk_bytes(), options_.max_chunk_bytes());
+
+  std::vector<hsize_t> dims{0}, max_dims{H5S_UNLIMITED};
+  dims.insert(dims.end(), dataset->trailing.begin(), dataset->trailing.end());
+  max_dims.insert(max_dims.end(), dataset->trailing.begin(), dataset->trailing.end());
+  const int rank = static_cast<int>(dims.size());
+  Handle space(FLEXMODEL_H5(H5Screate_simple(rank, dims.data(), max_dims.data()), "could not create a dataspace"),
+               H5Sclose);
+  Handle creation(FLEXMODEL_H5(H5Pcreate(H5P_DATASET_CREATE), "could not create a property list"), H5Pclose);
+  FLEXMODEL_H5(H5Pset_chunk(creation.get(), rank, dataset->chunk.data()), "could not set the chunks of ", at);
+  FLEXMODEL_H5(H5Pset_obj_track_times(creation.get(), false), "could not create ", at);
+  switch (compression_.kind) {
+    case Compression::Kind::none:
+      dataset->mode = WriteMode::raw_chunks;
+      break;
+    case Compression::Kind::gzip:
+      dataset->unfiltered = 0b11;
+      FLEXMODEL_H5(H5Pset_shuffle(creation.get()), "could not set the filters of ", at);
+      FLEXMODEL_H5(H5Pset_deflate(creation.get(), static_cast<unsigned>(compression_.level)),
+                   "could not set the filters of ", at);
+      dataset->mode = pool_ != nullptr ? WriteMode::deflate_chunks : WriteMode::hdf5_filters;
+      dataset->level = compression_.level;
+      break;
+    case Compression::Kind::plugin:
+      FLEXMODEL_H5(H5Pset_filter(creation.get(), compression_.filter, H5Z_FLAG_MANDATORY, compression_.settings.size(),
+                                 compression_.settings.data()),
+                   "could not set the filters of ", at);
+      dataset->mode = WriteMode::hdf5_filters;
+      dataset->unfiltered = 0b1;
+      break;
+  }
+  Handle group = open_or_create_group(activations_.get(), group_name, where("/activations/" + group_name));
+  dataset->data = Handle(FLEXMODEL_H5(H5Dcreate2(group.get(), hook.c_str(), dataset->type.get(), space.get(),
+                                                 H5P_DEFAULT, creation.get(), H5P_DEFAULT),
+                                      "could not create ", at),
+                         H5Dclose);
+  const hid_t data = dataset->data.get();
+  const std::string rows_path = concat("/rows_per_step/", group_name, "/", hook);
+  write_attribute(data, "module_name", key.first, at);
+  write_attribute(data, "hook_type", hook, at);
+  write_attribute(data, "torch_dtype", dtype_name(rows.scalar_type()), at);
+  write_attribute(data, "rows_per_step", rows_path, at);
+  if (dataset->storage.bfloat16_bits) write_attribute(data, "bfloat16_bits", std::int64_t{1}, at);
+
+  // One int64 per step; the steps before this dataset existed read as 0 (the fill value).
+  const hsize_t steps = static_cast<hsize_t>(steps_), unlimited = H5S_UNLIMITED;
+  Handle rows_space(FLEXMODEL_H5(H5Screate_simple(1, &steps, &unlimited), "could not create a dataspace"), H5Sclose);
+  Handle rows_creation(FLEXMODEL_H5(H5Pcreate(H5P_DATASET_CREATE), "could not create a property list"), H5Pclose);
+  FLEXMODEL_H5(H5Pset_chunk(rows_creation.get(), 1, &kRowsPerStepChunk), "could not set the chunks of ",
+               where(rows_path));
+  FLEXMODEL_H5(H5Pset_obj_track_times(rows_creation.get(), false), "could not create ", where(rows_path));
+  Handle rows_group = open_or_create_group(rows_per_step_.get(), group_name, where("/rows_per_step/" + group_name));
+  dataset->rows_per_step = Handle(FLEXMODEL_H5(H5Dcreate2(rows_group.get(), hook.c_str(), H5T_STD_I64LE,
+                                                          rows_space.get(), H5P_DEFAULT, rows_creation.get(),
+                                                          H5P_DEFAULT),
+                                               "could not create ", where(rows_path)),
+                                  H5Dclose);
+  return *datasets_.emplace(key, std::move(dataset)).first->second;
+}
+
+void HDF5Writer::Impl::set_extent(Dataset& dataset) {
+  std::vector<hsize_t> dims{dataset.rows};
+  dims.insert(dims.end(), dataset.trailing.begin(), dataset.trailing.end());
+  FLEXMODEL_H5(H5Dset_extent(dataset.data.get(), dims.data()), "could not resize ", where(dataset.path), " to ",
+               dataset.rows, " rows");
+}
+
+void HDF5Writer::Impl::append(Item& item) {
+  step_ = item.step;
+  step_has_writes_ = true;
+  torch::Tensor rows = item.tensor.dim() == 0 ? item.tensor.reshape({1}) : item.tensor;
+  Dataset& dataset = dataset_for(item.key, rows);
+  rows = rows.to(dataset.storage.written()).contiguous();
+  const hsize_t count = static_cast<hsize_t>(rows.size(0));
+  if (count == 0) return;
+  const hsize_t first = dataset.rows, chunk_rows = dataset.chunk[0];
+  dataset.rows += count;
+  dataset.step_rows += count;
+  set_extent(dataset);
+
+  hsize_t taken = 0;
+  if (dataset.tail.defined()) {
+    const hsize_t have = first - dataset.tail_start;
+    taken = std::min(count, chunk_rows - have);
+    dataset.tail.narrow(0, static_cast<std::int64_t>(have), static_cast<std::int64_t>(taken))
+        .copy_(rows.narrow(0, 0, static_cast<std::int64_t>(taken)));
+    dataset.tail_dirty = true;
+    if (have + taken == chunk_rows) {
+      emit(dataset, dataset.tail_start, std::move(dataset.tail), nullptr);
+      dataset.tail = torch::Tensor();
+      dataset.tail_dirty = false;
+    }
+  }
+  // Whole chunks go straight from the snapshot's memory.
+  for (; count - taken >= chunk_rows; taken += chunk_rows) {
+    emit(dataset, first + taken,
+         rows.narrow(0, static_cast<std::int64_t>(taken), static_cast<std::int64_t>(chunk_rows)), item.budget);
+  }
+  if (taken < count) {
+    std::vector<std::int64_t> slab{static_cast<std::int64_t>(chunk_rows)};
+    slab.insert(slab.end(), dataset.trailing.begin(), dataset.trailing.end());
+    dataset.tail = torch::zeros(slab, rows.options());
+    dataset.tail.narrow(0, 0, static_cast<std::int64_t>(count - taken))
+        .copy_(rows.narrow(0, static_cast<std::int64_t>(taken), static_cast<std::int64_t>(count - taken)));
+    dataset.tail_start = first + taken;
+    dataset.tail_dirty = true;
+  }
+}
+
+// Writes the chunks of one row of chunks (`slab`: chunk[0] rows, whole trailing dims).
+// A partial row of chunks (a step's last rows, to be completed by later steps)
+// goes to disk unfiltered, whole chunks as they are: rewriting it in place
+// then never moves committed rows elsewhere in the file (see the top).
+void HDF5Writer::Impl::emit(Dataset& dataset, hsize_t row, torch::Tensor slab, const std::shared_ptr<void>& budget,
+                            bool partial) {
+  const bool unfiltered = partial || dataset.mode == WriteMode::raw_chunks;
+  if (!unfiltered && dataset.mode == WriteMode::hdf5_filters) {
+    write_rows(dataset, row, slab);
+    return;
+  }
+  const std::size_t rank = dataset.chunk.size();
+  std::vector<hsize_t> offset(rank, 0), grid(rank, 1);
+  offset[0] = row;
+  for (std::size_t d = 1; d < rank; ++d) grid[d] = (dataset.trailing[d - 1] + dataset.chunk[d] - 1) / dataset.chunk[d];
+  std::vector<hsize_t> index(rank, 0);
+  for (;;) {
+    torch::Tensor chunk = slab;
+    if (std::any_of(grid.begin() + 1, grid.end(), [](hsize_t n) { return n > 1; })) {
+      // A row larger than max_chunk_bytes: cut out this chunk, zero padded at the edges.
+      std::vector<std::int64_t> shape(dataset.chunk.begin(), dataset.chunk.end());
+      chunk = torch::zeros(shape, slab.options());
+      torch::Tensor source = slab, target = chunk;
+      for (std::size_t d = 1; d < rank; ++d) {
+        const auto start = static_cast<std::int64_t>(index[d] * dataset.chunk[d]);
+        const auto length = std::min<std::int64_t>(static_cast<std::int64_t>(dataset.chunk[d]),
+                                                   static_cast<std::int64_t>(dataset.trailing[d - 1]) - start);
+        source = source.narrow(static_cast<std::int64_t>(d), start, length);
+        target = target.narrow(static_cast<std::int64_t>(d), 0, length);
+        offset[d] = static_cast<hsize_t>(start);
+      }
+      target.copy_(source);
+    }
+    if (unfiltered) {
+      write_chunk(dataset, offset, chunk.data_ptr(), chunk.nbytes(), step_, dataset.unfiltered);
+    } else {
+      const std::size_t element = dataset.element;
+      const int level = dataset.level;
+      auto bytes = pool_->submit([chunk, element, level] {
+        return shuffle_deflate(static_cast<const unsigned char*>(chunk.data_ptr()), chunk.nbytes(), element, level);
+      });
+      in_flight_.push_back(InFlight{&dataset, offset, step_, std::move(bytes), budget});
+      write_in_flight(4 * pool_->size());
+    }
+    std::size_t d = rank - 1;
+    while (d > 0 && ++index[d] == grid[d]) index[d--] = 0;
+    if (d == 0) break;
+  }
+}
+
+void HDF5Writer::Impl::write_chunk(Dataset& dataset, const std::vector<hsize_t>& offset, const void* bytes,
+                                   std::size_t size, std::int64_t step, std::uint32_t filter_mask) {
+  FLEXMODEL_H5(H5Dwrite_chunk(dataset.data.get(), H5P_DEFAULT, filter_mask, offset.data(), size, bytes),
+               "could not write the chunk at row ", offset[0], " of ", where(dataset.path), " (step ", step, ")");
+}
+
+void HDF5Writer::Impl::write_rows(Dataset& dataset, hsize_t row, const torch::Tensor& slab) {
+  std::vector<hsize_t> slab_dims{dataset.chunk[0]};
+  slab_dims.insert(slab_dims.end(), dataset.trailing.begin(), dataset.trailing.end());
+  std::vector<hsize_t> start(slab_dims.size(), 0), count = slab_dims;
+  count[0] = std::min(dataset.chunk[0], dataset.rows - row);
+  const std::string context = concat(" rows from ", row, " of ", where(dataset.path), " (step ", step_, ")");
+  Handle memory(FLEXMODEL_H5(H5Screate_simple(static_cast<int>(slab_dims.size()), slab_dims.data(), nullptr),
+                             "could not create a dataspace"),
+                H5Sclose);
+  FLEXMODEL_H5(H5Sselect_hyperslab(memory.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
+               "could not select the", context);
+  Handle file_space(FLEXMODEL_H5(H5Dget_space(dataset.data.get()), "could not select the", context), H5Sclose);
+  start[0] = row;
+  FLEXMODEL_H5(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
+               "could not select the", context);
+  FLEXMODEL_H5(H5Dwrite(dataset.data.get(), dataset.type.get(), memory.get(), file_space.get(), H5P_DEFAULT,
+                        slab.data_ptr()),
+               "could not write the", context);
+}
+
+// Writes compressed chunks in order until at most `keep` wait, then those already done.
+void HDF5Writer::Impl::write_in_flight(std::size_t keep) {
+  while (!in_flight_.empty() &&
+         (in_flight_.size() > keep ||
+          in_flight_.front().bytes.wait_for(std::chrono::seconds(0)) == std::future_status::ready)) {
+    InFlight& chunk = in_flight_.front();
+    const std::vector<unsigned char> bytes = chunk.bytes.get();
+    write_chunk(*chunk.dataset, chunk.offset, bytes.data(), bytes.size(), chunk.step);
+    in_flight_.pop_front();
+  }
+}
+
+void HDF5Writer::Impl::flush_file(const char* what) {
+  // The file must reach the end of the allocated space before a superblock
+  // saying so does: HDF5 refuses a file shorter than that.
+  haddr_t end = 0;
+  FLEXMODEL_H5(H5Fget_eoa(file_.get(), &end), "could not read the end of '", path_, "'");
+  struct stat status {};
+  FLEXMODEL_CHECK(::fstat(file_descriptor_, &status) == 0, IOError, "could not stat '", path_,
+                  "': ", std::strerror(errno));
+  if (static_cast<haddr_t>(status.st_size) < end) {
+    FLEXMODEL_CHECK(::ftruncate(file_descriptor_, static_cast<off_t>(end)) == 0, IOError, "could not extend '",
+                    path_, "' to ", end, " bytes: ", std::strerror(errno));
+  }
+  FLEXMODEL_H5(H5Fflush(file_.get(), H5F_SCOPE_LOCAL), "could not flush ", what, " of step ", steps_, " to '", path_,
+               "' (datasets ", dataset_list(), ")");
+}
+
+std::string HDF5Writer::Impl::dataset_list() const {
+  std::string names;
+  std::size_t listed = 0;
+  for (const auto& [key, dataset] : datasets_) {
+    if (listed++ == 3) return concat(names, " and ", datasets_.size() - 3, " more");
+    names += concat(names.empty() ? "" : ", ", "'", dataset->path, "'");
+  }
+  return names;
+}
+
+void HDF5Writer::Impl::commit(bool new_step, bool last) {
+  for (auto& [key, dataset] : datasets_) {
+    // HDF5 cannot read-modify-write an unfiltered chunk through its filters,
+    // so only the pool's last chunks get compressed on closing.
+    const bool compress = last && dataset->mode == WriteMode::deflate_chunks;
+    if (dataset->tail_dirty || (compress && dataset->tail.defined())) {
+      emit(*dataset, dataset->tail_start, dataset->tail, nullptr, !compress);
+      dataset->tail_dirty = false;
+    }
+  }
+  // Also makes the tails safe to append to: no chunk in flight reads them.
+  write_in_flight(0);
+  if (new_step) {
+    const hsize_t steps = static_cast<hsize_t>(steps_) + 1, start = steps - 1, one = 1;
+    Handle memory(FLEXMODEL_H5(H5Screate_simple(1, &one, nullptr), "could not create a dataspace"), H5Sclose);
+    for (auto& [key, dataset] : datasets_) {
+      const hid_t rows = dataset->rows_per_step.get();
+      FLEXMODEL_H5(H5Dset_extent(rows, &steps), "could not extend the rows_per_step of ", where(dataset->path));
+      Handle space(FLEXMODEL_H5(H5Dget_space(rows), "could not select a step"), H5Sclose);
+      FLEXMODEL_H5(H5Sselect_hyperslab(space.get(), H5S_SELECT_SET, &start, nullptr, &one, nullptr),
+                   "could not select a step");
+      const auto value = static_cast<std::int64_t>(dataset->step_rows);
+      FLEXMODEL_H5(H5Dwrite(rows, H5T_NATIVE_INT64, memory.get(), space.get(), H5P_DEFAULT, &value),
+                   "could not write the rows_per_step of ", where(dataset->path));
+    }
+    flush_file("the data");
+    write_attribute(file_.get(), "steps", steps_ + 1, where("/"));
+    flush_file("the step count");
+    ++steps_;
+    for (auto& [key, dataset] : datasets_) dataset->step_rows = 0;
+    step_has_writes_ = false;
+  } else {
+    flush_file("the file");
+  }
+  if (!published_) {
+    move_file(file_path_, path_, options_.overwrite());
+    file_path_ = path_;
+    published_ = true;
+  }
+  if (options_.fsync_each_step()) {
+    FLEXMODEL_CHECK(::fsync(file_descriptor_) == 0, IOError, "could not fsync '", path_, "': ", std::strerror(errno));
+  }
+  // Blocks the commit refers to are now never at the end of the file (see the top).
+  FLEXMODEL_H5(H5Fincrement_filesize(file_.get(), 1), "could not extend '", path_, "'");
+  committed_steps_.store(steps_, std::memory_order_release);
+  logger()->debug("HDF5Writer: committed step {} of '{}'", steps_, path_);
+}
+
+void HDF5Writer::Impl::finish() {
+  if (step_has_writes_) {
+    logger()->info("HDF5Writer: close() commits the writes after the last end_step as step {} of '{}'", steps_,
+                   path_);
+    commit(true, true);
+  } else {
+    commit(false, true);  // the last partial chunks, filtered now
+  }
+  datasets_.clear();
+  activations_.reset();
+  rows_per_step_.reset();
+  FLEXMODEL_H5(H5Fclose(file_.release()), "could not close '", path_, "'");
+  sync_path(path_);
+  logger()->info("HDF5Writer: closed '{}' with {} steps", path_, steps_);
+}
+
+// ---- public --------------------------------------------------------------
+
+HDF5Writer::HDF5Writer(const std::string& path, HDF5WriterOptions options)
+    : impl_(std::make_unique<Impl>(path, std::move(options))) {}
+
+HDF5Writer::~HDF5Writer() {
+  try {
+    impl_->close();
+  } catch (const std::exception& e) {
+    logger()->error("HDF5Writer: closing '{}' failed: {}", impl_->path(), e.what());
+  }
+}
+
+void HDF5Writer::write(const std::string& module_name, HookType type, std::int64_t step,
+                       const torch::Tensor& snapshot) {
+  impl_->write(module_name, type, step, snapshot);
+}
+void HDF5Writer::end_step(std::int64_t step) { impl_->end_step(step); }
+void HDF5Writer::flush() { impl_->flush(); }
+void HDF5Writer::close() { impl_->close(); }
+std::int64_t HDF5Writer::committed_steps() const { return impl_->committed_steps(); }
+std::size_t HDF5Writer::queued_bytes() const { return impl_->queued_bytes(); }
+const std::string& HDF5Writer::path() const { return impl_->path(); }
+
+}  // namespace flexmodel::io

@@ -1,0 +1,80 @@
+"""flex-dump against PyTorch's own hook captures, single process and under mpirun.
+
+    check_flex_dump.py FLEX_DUMP FIXTURE_DIR MPIRUN...
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import h5py
+import numpy as np
+import torch
+
+
+def run(*args):
+    return subprocess.run(list(args), capture_output=True, text=True)
+
+
+def main(tool, fixtures, mpirun):
+    model = os.path.join(fixtures, "gpt_scripted.pt")
+    tokens = os.path.join(fixtures, "tokens.npy")
+    reference = torch.jit.load(os.path.join(fixtures, "reference.pt")).tensors
+    common = ["--model", model, "--input", tokens, "--hooks", "layers.*.mlp,embed_tokens", "--pre-hooks", "lm_head"]
+    with tempfile.TemporaryDirectory() as scratch:
+        single = os.path.join(scratch, "single.h5")
+        result = run(tool, *common, "--out", single, "--batch-size", "1")
+        assert result.returncode == 0, result.stderr
+        assert "/activations/layers.1.mlp/forward" in result.stdout, result.stdout
+        with h5py.File(single, "r") as h5:
+            checked = 0
+            for name, kind, key in [("layers.0.mlp", "forward", "forward|layers.0.mlp|0"),
+                                    ("layers.2.mlp", "forward", "forward|layers.2.mlp|0"),
+                                    ("embed_tokens", "forward", "forward|embed_tokens|0"),
+                                    ("lm_head", "forward_pre", "forward_pre|lm_head|0")]:
+                dataset = h5[f"activations/{name}/{kind}"]
+                expected = reference[key].numpy()
+                assert dataset.shape == expected.shape, (name, dataset.shape, expected.shape)
+                np.testing.assert_allclose(dataset[()], expected, rtol=0, atol=1e-6)
+                assert dataset.attrs["module_name"] == name and dataset.attrs["hook_type"] == kind
+                assert dataset.attrs["torch_dtype"] == "float32"
+                checked += 1
+            assert len(h5["activations"]) == 5, list(h5["activations"])
+
+        # Two data-parallel ranks write what one process writes.
+        parallel = os.path.join(scratch, "parallel.h5")
+        result = run(*mpirun, "-np", "2", tool, *common, "--out", parallel, "--batch-size", "2", "--dp", "2")
+        assert result.returncode == 0, result.stdout + result.stderr
+        with h5py.File(single, "r") as one, h5py.File(parallel, "r") as two:
+            for name in ["layers.0.mlp", "layers.1.mlp", "layers.2.mlp", "embed_tokens"]:
+                path = f"activations/{name}/forward"
+                np.testing.assert_allclose(two[path][()], one[path][()], rtol=0, atol=1e-6)
+            assert two.attrs["dp"] == 2
+
+        # Bad input: one line on stderr, non-zero exit, and no file left behind.
+        floats = os.path.join(scratch, "floats.npy")
+        np.save(floats, np.zeros((2, 12), dtype=np.float32))
+        for args, needle in [(["--hooks", "layer.*.mlp"], "matches no module"),
+                             (["--input", floats], "rejected its input"),
+                             (["--model", os.path.join(scratch, "missing.pt")], "does not exist")]:
+            out = os.path.join(scratch, "bad.h5")
+            replaced = dict(zip(common[::2], common[1::2]))
+            replaced.update(dict(zip(args[::2], args[1::2])))
+            flat = [item for pair in replaced.items() for item in pair]
+            failed = run(tool, *flat, "--out", out)
+            lines = failed.stderr.strip().splitlines()
+            assert failed.returncode != 0 and len(lines) == 1 and needle in lines[0], (args, failed.stderr)
+            assert not any(name.startswith("bad.h5") for name in os.listdir(scratch)), os.listdir(scratch)
+
+        # An existing file is kept unless --overwrite; --append continues it.
+        kept = run(tool, *common, "--out", single)
+        assert kept.returncode != 0 and single in kept.stderr, kept.stderr
+        assert run(tool, *common, "--out", single, "--overwrite").returncode == 0
+        assert run(tool, *common, "--out", single, "--append").returncode == 0
+        with h5py.File(single, "r") as h5:
+            assert h5["activations/layers.0.mlp/forward"].shape[0] == 4
+    print(f"flex-dump: {checked} datasets equal PyTorch's hooks; dp 2 equals one process; errors leave no file")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
