@@ -56,4 +56,18 @@ class Paired {
   bool baseline_first_ = true;
 };
 
+// Times a pair for every iteration of `state`; `reset` runs untimed after each
+// pair (clearing the output map, so memory does not grow with the iterations).
+template <class Baseline, class Variant, class Reset>
+Paired measure_pairs(benchmark::State& state, Baseline&& baseline, Variant&& variant, Reset&& reset) {
+  Paired paired;
+  for (auto _ : state) {
+    paired.run(baseline, variant);
+    state.PauseTiming();
+    reset();
+    state.ResumeTiming();
+  }
+  return paired;
+}
+
 }  // namespace flexmodel::bench

@@ -10,7 +10,7 @@
 
 namespace {
 
-using flexmodel::bench::Paired;
+using flexmodel::bench::measure_pairs;
 
 // A forward that does almost nothing, so the holder's own cost shows.
 struct PassImpl : torch::nn::Module {
@@ -26,12 +26,10 @@ void holder_call(benchmark::State& state) {
   Pass plain;
   HookablePass hookable;
   auto x = torch::ones({1});
-  Paired paired;
-  for (auto _ : state) {
-    paired.run([&] { for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(plain(x)); },
-               [&] { for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(hookable(x)); });
-  }
-  paired.report(state, 1e9 / kCalls, "ns");
+  measure_pairs(
+      state, [&] { for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(plain(x)); },
+      [&] { for (int i = 0; i < kCalls; ++i) benchmark::DoNotOptimize(hookable(x)); }, [] {})
+      .report(state, 1e9 / kCalls, "ns");
 }
 BENCHMARK(holder_call)->Unit(benchmark::kMicrosecond);
 
@@ -46,14 +44,10 @@ void linear_chain(benchmark::State& state) {
   auto x = torch::randn({1, 8});
   flexmodel::FlexModel fm(chain);
   fm.create_hook_group("every", "*");
-  Paired paired;
-  for (auto _ : state) {
-    paired.run([&] { benchmark::DoNotOptimize(chain->forward(x)); }, [&] { benchmark::DoNotOptimize(fm.forward(x)); });
-    state.PauseTiming();
-    fm.outputs().clear();
-    state.ResumeTiming();
-  }
-  paired.report(state, 1e6, "us");
+  measure_pairs(
+      state, [&] { benchmark::DoNotOptimize(chain->forward(x)); }, [&] { benchmark::DoNotOptimize(fm.forward(x)); },
+      [&] { fm.outputs().clear(); })
+      .report(state, 1e6, "us");
   state.counters["added_us_per_hooked_call"] = state.counters["added_us"] / kLayers;
 }
 BENCHMARK(linear_chain)->Unit(benchmark::kMillisecond)->MinTime(1.0);
@@ -70,33 +64,31 @@ flexmodel::models::GPT& model_of(const flexmodel::models::GPTOptions& options) {
 }
 
 // A forward of a 12-layer GPT, unwrapped against 24 retrieval hooks (every
-// attention and MLP output); ms per forward. Args: batch, sequence.
+// attention and MLP output); ms per forward. Args: batch, sequence, hooks
+// (24, or 0 for a control run whose difference is the measurement's noise).
 void gpt_forward(benchmark::State& state, const flexmodel::models::GPTOptions& options) {
   torch::NoGradGuard no_grad;
   auto& model = model_of(options);
   flexmodel::FlexModel fm(model);
-  auto hooks = fm.create_hook_group("attn", "layers.*.attn");
-  auto mlp = fm.create_hook_group("mlp", "layers.*.mlp");
-  state.counters["hooks"] = static_cast<double>(hooks.size() + mlp.size());
+  if (state.range(2) > 0) {
+    fm.create_hook_group("attn", "layers.*.attn");
+    fm.create_hook_group("mlp", "layers.*.mlp");
+  }
+  state.counters["hooks"] = static_cast<double>(fm.hooks().size());
   torch::manual_seed(1);
   auto tokens = torch::randint(0, options.vocab_size(), {state.range(0), state.range(1)});
-  Paired paired;
-  for (auto _ : state) {
-    paired.run([&] { benchmark::DoNotOptimize(model->forward(tokens)); },
-               [&] { benchmark::DoNotOptimize(fm.forward(tokens)); });
-    state.PauseTiming();
-    fm.outputs().clear();
-    state.ResumeTiming();
-  }
-  paired.report(state, 1e3, "ms");
+  measure_pairs(state, [&] { benchmark::DoNotOptimize(model->forward(tokens)); },
+                 [&] { benchmark::DoNotOptimize(fm.forward(tokens)); }, [&] { fm.outputs().clear(); })
+      .report(state, 1e3, "ms");
 }
 
 // GPT-2 small's shape.
 void gpt2_small_forward(benchmark::State& state) { gpt_forward(state, flexmodel::models::GPTOptions::gpt2_small()); }
 BENCHMARK(gpt2_small_forward)
-    ->ArgNames({"batch", "seq"})
-    ->Args({1, 1})
-    ->Args({4, 128})
+    ->ArgNames({"batch", "seq", "hooks"})
+    ->Args({1, 1, 0})
+    ->Args({1, 1, 24})
+    ->Args({4, 128, 24})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(5.0);
 
@@ -105,7 +97,7 @@ BENCHMARK(gpt2_small_forward)
 void gpt_narrow_forward(benchmark::State& state) {
   gpt_forward(state, flexmodel::models::GPTOptions().n_layers(12));
 }
-BENCHMARK(gpt_narrow_forward)->ArgNames({"batch", "seq"})->Args({1, 1})->Unit(benchmark::kMillisecond)->MinTime(1.0);
+BENCHMARK(gpt_narrow_forward)->ArgNames({"batch", "seq", "hooks"})->Args({1, 1, 24})->Unit(benchmark::kMillisecond)->MinTime(1.0);
 
 }  // namespace
 

@@ -10,7 +10,7 @@
 
 namespace {
 
-using flexmodel::bench::Paired;
+using flexmodel::bench::measure_pairs;
 
 std::string model_path(const std::string& file) {
   const char* folder = std::getenv("FLEXMODEL_BENCH_MODELS");
@@ -45,14 +45,8 @@ void script_gpt2_small_forward(benchmark::State& state) {
   auto plain = [&] { benchmark::DoNotOptimize(module.forward(tokens)); };
   auto hooked = [&] { benchmark::DoNotOptimize(fm.forward(tokens)); };
   warm_up([&] { plain(), hooked(); });
-  Paired paired;
-  for (auto _ : state) {
-    paired.run(plain, hooked);
-    state.PauseTiming();
-    fm.outputs().clear();
-    state.ResumeTiming();
-  }
-  paired.report(state, 1e3, "ms");
+  measure_pairs(state, plain, hooked, [&] { fm.outputs().clear(); })
+      .report(state, 1e3, "ms");
 }
 BENCHMARK(script_gpt2_small_forward)
     ->ArgNames({"batch", "seq"})
@@ -73,14 +67,8 @@ void script_linear_chain(benchmark::State& state) {
   auto plain = [&] { benchmark::DoNotOptimize(module.forward(x)); };
   auto hooked = [&] { benchmark::DoNotOptimize(fm.forward(x)); };
   warm_up([&] { plain(), hooked(); });
-  Paired paired;
-  for (auto _ : state) {
-    paired.run(plain, hooked);
-    state.PauseTiming();
-    fm.outputs().clear();
-    state.ResumeTiming();
-  }
-  paired.report(state, 1e6, "us");
+  measure_pairs(state, plain, hooked, [&] { fm.outputs().clear(); })
+      .report(state, 1e6, "us");
   state.counters["added_us_per_hooked_call"] = state.counters["added_us"] / kLayers;
 }
 BENCHMARK(script_linear_chain)->Unit(benchmark::kMillisecond)->MinTime(2.0);
@@ -101,14 +89,8 @@ void script_alternating_groups(benchmark::State& state) {
     odd = !odd;
   };
   warm_up([&] { steady(), alternating(); });
-  Paired paired;
-  for (auto _ : state) {
-    paired.run(steady, alternating);
-    state.PauseTiming();
-    fm.outputs().clear();
-    state.ResumeTiming();
-  }
-  paired.report(state, 1e6, "us");
+  measure_pairs(state, steady, alternating, [&] { fm.outputs().clear(); })
+      .report(state, 1e6, "us");
 }
 BENCHMARK(script_alternating_groups)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 

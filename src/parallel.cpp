@@ -1,8 +1,5 @@
 #include "flexmodel/parallel.h"
 
-#include <cmath>
-#include <limits>
-
 #include <torch/nn/functional.h>
 
 #include "flexmodel/error.h"
@@ -90,16 +87,8 @@ ParallelAttentionImpl::ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, c
 }
 
 std::tuple<torch::Tensor, torch::Tensor> ParallelAttentionImpl::forward(const torch::Tensor& x) {
-  const auto batch = x.size(0), time = x.size(1);
-  auto projected = qkv(x);  // [B, T, 3 · local width], q | k | v of this rank's heads
-  const auto local_width = projected.size(2) / 3;
-  const auto head_dim = local_width / local_heads_;
-  auto split = projected.view({batch, time, 3, local_heads_, head_dim}).permute({2, 0, 3, 1, 4});
-  auto q = split[0], k = split[1], v = split[2];
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
-  auto future = torch::ones({time, time}, torch::TensorOptions().dtype(torch::kBool).device(x.device())).triu(1);
-  auto probs = torch::softmax(scores.masked_fill(future, -std::numeric_limits<float>::infinity()), -1);
-  auto mixed = torch::matmul(probs, v).transpose(1, 2).reshape({batch, time, local_width});
+  // qkv holds q | k | v of this rank's heads; proj sums the heads of every rank.
+  auto [mixed, probs] = models::causal_attention(qkv(x), local_heads_);
   return {proj(mixed), probs};
 }
 

@@ -10,6 +10,7 @@ namespace flexmodel {
 namespace {
 
 using testing::compute_by_hand;
+using testing::error_of;
 using testing::Net;
 
 class HookTest : public ::testing::Test {
@@ -198,15 +199,6 @@ TEST_F(HookTest, GetModuleParameterReturnsACopy) {
   EXPECT_FALSE(torch::equal(weight, net->fc1->weight));
   EXPECT_THROW(fm.get_module_parameter("fc1.weight", {4, 8}), ShapeError);
   EXPECT_THROW(fm.get_module_parameter("fc1.wieght"), ConfigError);
-}
-
-std::string error_of(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  return "(no error)";
 }
 
 TEST_F(HookTest, UnknownModuleErrorSuggestsCloseNames) {

@@ -1,6 +1,8 @@
 // Small hookable models whose every activation is easy to compute by hand.
 #pragma once
 
+#include <functional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -9,6 +11,16 @@
 #include "flexmodel/flexmodel.h"
 
 namespace flexmodel::testing {
+
+// The message of the flexmodel::Error that `action` throws, or "(no error)".
+inline std::string error_of(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const Error& error) {
+    return error.what();
+  }
+  return "(no error)";
+}
 
 // Returns a tuple with a nested vector: (2x, [x + 1, x - 1]).
 struct SplitImpl : torch::nn::Module {

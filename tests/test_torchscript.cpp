@@ -10,9 +10,12 @@
 #include "flexmodel/hooks/editing.h"
 #include "flexmodel/npy.h"
 #include "flexmodel/torchscript.h"
+#include "test_models.h"
 
 namespace flexmodel {
 namespace {
+
+using testing::error_of;
 
 const std::string kFixtures = FLEXMODEL_FIXTURE_DIR;
 
@@ -218,15 +221,6 @@ TEST(TorchScript, TracedAndScriptedExportsGiveTheSameCaptures) {
     EXPECT_TRUE(torch::allclose(scripted.outputs().at(name, type)[0], traced.outputs().at(name, type)[0], 0, 1e-6))
         << name;
   }
-}
-
-std::string error_of(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  return "(no error)";
 }
 
 TEST(TorchScript, ErrorsNameTheFileOrModule) {

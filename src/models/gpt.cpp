@@ -1,6 +1,7 @@
 #include "flexmodel/models/gpt.h"
 
 #include <cmath>
+#include <limits>
 
 #include <torch/nn/functional.h>
 
@@ -15,15 +16,19 @@ AttentionImpl::AttentionImpl(const GPTOptions& options) : n_heads_(options.n_hea
   proj = register_module("proj", flexmodel::nn::Linear(options.d_model(), options.d_model()));
 }
 
-std::tuple<torch::Tensor, torch::Tensor> AttentionImpl::forward(const torch::Tensor& x) {
-  const auto batch = x.size(0), time = x.size(1), width = x.size(2);
-  const auto head_dim = width / n_heads_;
-  auto split = qkv(x).view({batch, time, 3, n_heads_, head_dim}).permute({2, 0, 3, 1, 4});
+std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads) {
+  const auto batch = qkv.size(0), time = qkv.size(1), width = qkv.size(2) / 3;
+  const auto head_dim = width / heads;
+  auto split = qkv.view({batch, time, 3, heads, head_dim}).permute({2, 0, 3, 1, 4});
   auto q = split[0], k = split[1], v = split[2];
   auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
-  auto future = torch::ones({time, time}, torch::TensorOptions().dtype(torch::kBool).device(x.device())).triu(1);
+  auto future = torch::ones({time, time}, torch::TensorOptions().dtype(torch::kBool).device(qkv.device())).triu(1);
   auto probs = torch::softmax(scores.masked_fill(future, -std::numeric_limits<float>::infinity()), -1);
-  auto mixed = torch::matmul(probs, v).transpose(1, 2).reshape({batch, time, width});
+  return {torch::matmul(probs, v).transpose(1, 2).reshape({batch, time, width}), probs};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> AttentionImpl::forward(const torch::Tensor& x) {
+  auto [mixed, probs] = causal_attention(qkv(x), n_heads_);
   return {proj(mixed), probs};
 }
 

@@ -30,6 +30,10 @@ struct GPTOptions {
   TORCH_ARG(std::int64_t, d_mlp) = 256;
 };
 
+// Causal self-attention over a fused projection [B, T, 3·W] holding q | k | v of
+// `heads` heads: (mixed values [B, T, W], attention probabilities [B, heads, T, T]).
+std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads);
+
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const GPTOptions& options);
