@@ -1,11 +1,13 @@
 // Costs of hooking native modules, as paired timings (bench_common.h):
 // baseline = the unwrapped model, variant = the same with hooks.
 // bench/run.sh runs it with repetitions and prints the medians.
+#include <filesystem>
 #include <map>
 
 #include "bench_common.h"
 
 #include <flexmodel/flexmodel.h>
+#include <flexmodel/io/hdf5_writer.h>
 #include <flexmodel/models/gpt.h>
 
 namespace {
@@ -91,6 +93,34 @@ BENCHMARK(gpt2_small_forward)
     ->Args({4, 128, 24})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(5.0);
+
+// GPT-2 small at batch 4 × 128 with 24 retrieval hooks: captures into the
+// output map against captures streamed to an HDF5 file (written in the
+// background; outputs(false)); ms per forward, so added_pct is what dumping adds.
+void gpt2_small_dump_forward(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  auto& model = model_of(flexmodel::models::GPTOptions::gpt2_small());
+  flexmodel::FlexModel in_memory(model);
+  flexmodel::FlexModel dumping(model, flexmodel::FlexModelOptions().outputs(false));
+  const auto path = std::filesystem::temp_directory_path() / "flexmodel_bench_dump.h5";
+  auto writer = std::make_shared<flexmodel::io::HDF5Writer>(path.string(),
+                                                             flexmodel::io::HDF5WriterOptions().overwrite(true));
+  dumping.add_sink(writer);
+  for (auto* fm : {&in_memory, &dumping}) {
+    fm->create_hook_group("attn", "layers.*.attn");
+    fm->create_hook_group("mlp", "layers.*.mlp");
+  }
+  torch::manual_seed(1);
+  auto tokens = torch::randint(0, 50257, {4, 128});
+  measure_pairs(
+      state, [&] { benchmark::DoNotOptimize(in_memory.forward(tokens)); },
+      [&] { benchmark::DoNotOptimize(dumping.forward(tokens)); }, [&] { in_memory.outputs().clear(); })
+      .report(state, 1e3, "ms");
+  dumping.close_sinks();
+  state.counters["file_MB"] = static_cast<double>(std::filesystem::file_size(path)) / 1e6;
+  std::filesystem::remove(path);
+}
+BENCHMARK(gpt2_small_dump_forward)->Unit(benchmark::kMillisecond)->MinTime(10.0);
 
 // The same 12-layer structure at width 64: the compute nearly vanishes, so the
 // difference is the hooking machinery itself, measured without the big model's noise.
