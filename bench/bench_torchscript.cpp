@@ -31,29 +31,49 @@ void warm_up(Run&& run) {
   for (int i = 0; i < 5; ++i) run();
 }
 
-// GPT-2-small-shaped TorchScript model: module.forward against 24 retrieval
-// hooks (every attention and MLP output); ms per forward. Args: batch, sequence.
-void script_gpt2_small_forward(benchmark::State& state) {
+// A 12-layer scripted GPT: module.forward against 24 retrieval hooks (every
+// attention and MLP output); ms per forward. Args: batch, sequence, hooks (24,
+// or 0 for a control run whose difference is the measurement's noise).
+void script_gpt_forward(benchmark::State& state, const std::string& file) {
   torch::NoGradGuard no_grad;
-  auto& module = loaded("gpt2_small_scripted.pt");
+  auto& module = loaded(file);
   flexmodel::ScriptFlexModel fm(module);
-  auto attention = fm.create_hook_group("attn", "layers.*.attn");
-  auto mlp = fm.create_hook_group("mlp", "layers.*.mlp");
-  state.counters["hooks"] = static_cast<double>(attention.size() + mlp.size());
+  if (state.range(2) > 0) {
+    fm.create_hook_group("attn", "layers.*.attn");
+    fm.create_hook_group("mlp", "layers.*.mlp");
+  }
+  state.counters["hooks"] = static_cast<double>(fm.hooks().size());
   torch::manual_seed(1);
-  std::vector<torch::IValue> tokens{torch::randint(0, 50257, {state.range(0), state.range(1)})};
+  const auto vocab = module.attr("embed_tokens").toModule().attr("weight").toTensor().size(0);
+  std::vector<torch::IValue> tokens{torch::randint(0, vocab, {state.range(0), state.range(1)})};
   auto plain = [&] { benchmark::DoNotOptimize(module.forward(tokens)); };
-  auto hooked = [&] { benchmark::DoNotOptimize(fm.forward(tokens)); };
+  // active 0: the hooks stay registered but the forward runs none of them.
+  const auto groups = flexmodel::Groups{"all"}.complement(state.range(3) == 0);
+  auto hooked = [&] { benchmark::DoNotOptimize(fm.forward(groups, tokens)); };
   warm_up([&] { plain(), hooked(); });
   measure_pairs(state, plain, hooked, [&] { fm.outputs().clear(); })
       .report(state, 1e3, "ms");
 }
+
+// GPT-2 small's shape.
+void script_gpt2_small_forward(benchmark::State& state) { script_gpt_forward(state, "gpt2_small_scripted.pt"); }
 BENCHMARK(script_gpt2_small_forward)
-    ->ArgNames({"batch", "seq"})
-    ->Args({1, 1})
-    ->Args({4, 128})
+    ->ArgNames({"batch", "seq", "hooks", "active"})
+    ->Args({1, 1, 0, 1})
+    ->Args({1, 1, 24, 1})
+    ->Args({1, 1, 24, 0})
+    ->Args({4, 128, 24, 1})
     ->Unit(benchmark::kMillisecond)
     ->MinTime(5.0);
+
+// The same structure at width 64: the compute nearly vanishes, so the
+// difference is the hooking machinery itself, without the big model's noise.
+void script_gpt_narrow_forward(benchmark::State& state) { script_gpt_forward(state, "gpt_narrow_scripted.pt"); }
+BENCHMARK(script_gpt_narrow_forward)
+    ->ArgNames({"batch", "seq", "hooks", "active"})
+    ->Args({1, 1, 24, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
 
 // 1000 × Linear(8, 8) scripted as an nn.Sequential, batch 1: module.forward
 // against a retrieval hook on every layer; µs per forward and per hooked call.

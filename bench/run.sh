@@ -10,7 +10,7 @@ BUILD_DIR=${1:-build}
 shift || true
 REPETITIONS=${REPETITIONS:-5}
 export FLEXMODEL_BENCH_MODELS="$BUILD_DIR/bench/models"
-if [[ ! -f "$FLEXMODEL_BENCH_MODELS/chain_scripted.pt" || ! -f "$FLEXMODEL_BENCH_MODELS/gpt2_small_scripted.pt" ]]; then
+if [[ ! -f "$FLEXMODEL_BENCH_MODELS/chain_scripted.pt" || ! -f "$FLEXMODEL_BENCH_MODELS/gpt_narrow_scripted.pt" ]]; then
   /usr/bin/python3 tests/fixtures/make_fixtures.py "$FLEXMODEL_BENCH_MODELS" --gpt2-small --chain
 fi
 out=$(mktemp -d)

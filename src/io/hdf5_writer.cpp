@@ -11,16 +11,17 @@
 // - a commit flushes twice: everything of the step, then the root attribute
 //   `steps`, the record a reader trusts, so a kill inside the first flush
 //   leaves the previous record;
-// - before a flush the file is extended to the EOA, since HDF5 refuses to open
-//   a file shorter than its superblock says;
+// - before a flush the file is extended past the EOA and the superblock on
+//   disk is told so: HDF5 writes its own superblock (with the EOA) last in a
+//   flush, so metadata written before it may point past the end the old one
+//   records, which HDF5 refuses ("addr overflow"); with the end recorded
+//   first, the superblock covers every address on disk at every moment;
+// - chunks are indexed by extensible arrays, whose entries never move (a v1
+//   B-tree split writes the parent before the new node);
 // - a step's last, partial chunk is written unfiltered (filter mask: skip
 //   all) and rewritten in place until full, so committed rows keep their place;
 // - superblock version 2 (no SWMR, no version 3) records no "open for writing"
 //   flag that would make h5py refuse the file after a crash.
-// What remains: HDF5 writes the superblock (with the end of the file) last in
-// a flush, so a kill inside the first flush of a commit that moves committed
-// metadata (a chunk-index node splits, a filled chunk is compressed to a new
-// place) can leave a file whose older rows h5py cannot read.
 #include "flexmodel/io/hdf5_writer.h"
 
 #include <fcntl.h>
@@ -68,6 +69,75 @@ using detail::concat;
 constexpr std::int64_t kLayoutVersion = 1;
 constexpr const char* kRootGroupName = "(root)";
 constexpr hsize_t kRowsPerStepChunk = 1024;
+// Space a flush may allocate beyond the end it starts from (see flush_file).
+constexpr std::uint64_t kFlushReserveBytes = std::uint64_t{1} << 20;
+
+// ---- the end of the file in the superblock ------------------------------
+
+// Bob Jenkins' lookup3 hash (hashlittle, initial value 0): HDF5's metadata checksum.
+std::uint32_t lookup3_checksum(const unsigned char* key, std::size_t length) {
+  auto rotate = [](std::uint32_t x, int k) { return (x << k) | (x >> (32 - k)); };
+  std::uint32_t a, b, c;
+  a = b = c = 0xdeadbeefu + static_cast<std::uint32_t>(length);
+  auto word = [&](std::size_t i, std::size_t available) {
+    std::uint32_t value = 0;
+    for (std::size_t byte = 0; byte < 4 && byte < available; ++byte) value |= std::uint32_t{key[i + byte]} << (8 * byte);
+    return value;
+  };
+  while (length > 12) {
+    a += word(0, 4), b += word(4, 4), c += word(8, 4);
+    a -= c, a ^= rotate(c, 4), c += b;
+    b -= a, b ^= rotate(a, 6), a += c;
+    c -= b, c ^= rotate(b, 8), b += a;
+    a -= c, a ^= rotate(c, 16), c += b;
+    b -= a, b ^= rotate(a, 19), a += c;
+    c -= b, c ^= rotate(b, 4), b += a;
+    key += 12, length -= 12;
+  }
+  if (length == 0) return c;
+  a += word(0, length), b += length > 4 ? word(4, length - 4) : 0, c += length > 8 ? word(8, length - 8) : 0;
+  c ^= b, c -= rotate(b, 14);
+  a ^= c, a -= rotate(c, 11);
+  b ^= a, b -= rotate(a, 25);
+  c ^= b, c -= rotate(b, 16);
+  a ^= c, a -= rotate(c, 4);
+  b ^= a, b -= rotate(a, 14);
+  c ^= b, c -= rotate(b, 24);
+  return c;
+}
+
+// A version 2 or 3 superblock at offset 0 with 8-byte addresses and base
+// address 0 (what this writer creates): signature, version, sizes, flags,
+// then base, extension, end-of-file and root addresses, then the checksum.
+struct Superblock {
+  static constexpr std::size_t kBytes = 48;
+  static constexpr std::size_t kEndOffset = 28;
+  static constexpr std::size_t kChecksumOffset = 44;
+  unsigned char bytes[kBytes];
+
+  // Reads it from `fd`; false when the file does not start with one whose checksum matches.
+  bool read(int fd) {
+    if (::pread(fd, bytes, kBytes, 0) != static_cast<ssize_t>(kBytes)) return false;
+    return std::memcmp(bytes, "\x89HDF\r\n\x1a\n", 8) == 0 && (bytes[8] == 2 || bytes[8] == 3) && bytes[9] == 8 &&
+           load(12, 8) == 0 && lookup3_checksum(bytes, kChecksumOffset) == load(kChecksumOffset, 4);
+  }
+  std::uint64_t end() const { return load(kEndOffset, 8); }
+  bool write_end(int fd, std::uint64_t end) {
+    store(kEndOffset, 8, end);
+    store(kChecksumOffset, 4, lookup3_checksum(bytes, kChecksumOffset));
+    return ::pwrite(fd, bytes, kBytes, 0) == static_cast<ssize_t>(kBytes);
+  }
+
+ private:
+  std::uint64_t load(std::size_t at, std::size_t size) const {
+    std::uint64_t value = 0;
+    for (std::size_t i = 0; i < size; ++i) value |= std::uint64_t{bytes[at + i]} << (8 * i);
+    return value;
+  }
+  void store(std::size_t at, std::size_t size, std::uint64_t value) {
+    for (std::size_t i = 0; i < size; ++i) bytes[at + i] = static_cast<unsigned char>(value >> (8 * i));
+  }
+};
 
 // ---- HDF5 errors ---------------------------------------------------------
 
@@ -545,6 +615,30 @@ void sync_path(const std::string& path) {
   }
 }
 
+// Datasets created from here on index their chunks with an extensible array
+// (HDF5 1.10's format), whose committed entries never move; the v1 B-tree
+// moves half a node's entries into a new node when it splits, and a kill in
+// that flush leaves a parent pointing at a node not yet written. The
+// superblock keeps its version 2 (see the top).
+void index_chunks_by_extensible_arrays(hid_t file) {
+  FLEXMODEL_H5(H5Fset_libver_bounds(file, H5F_LIBVER_V110, H5F_LIBVER_V110), "could not choose HDF5 1.10's chunk index");
+}
+
+// A closed file loses the reserve its last flush added past the end (see flush_file).
+void trim_to_recorded_end(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  FLEXMODEL_CHECK(fd >= 0, IOError, "could not open '", path, "' to trim it: ", std::strerror(errno));
+  Superblock superblock;
+  struct stat status {};
+  int result = 0;
+  if (superblock.read(fd) && ::fstat(fd, &status) == 0 && static_cast<std::uint64_t>(status.st_size) > superblock.end()) {
+    result = ::ftruncate(fd, static_cast<off_t>(superblock.end()));
+  }
+  const int error = errno;
+  ::close(fd);
+  FLEXMODEL_CHECK(result == 0, IOError, "could not trim '", path, "' to its end: ", std::strerror(error));
+}
+
 // Moves `from` to `to`; an existing `to` is replaced only when `replace` is set.
 void move_file(const std::string& from, const std::string& to, bool replace) {
   int status = replace ? std::rename(from.c_str(), to.c_str())
@@ -773,6 +867,7 @@ void HDF5Writer::Impl::create_file() {
     write_attribute(root, "steps", std::int64_t{0}, at);
     activations_ = open_or_create_group(root, "activations", where("/activations"));
     rows_per_step_ = open_or_create_group(root, "rows_per_step", where("/rows_per_step"));
+    index_chunks_by_extensible_arrays(root);
     void* handle = nullptr;
     FLEXMODEL_H5(H5Fget_vfd_handle(root, H5P_DEFAULT, &handle), "could not get the descriptor of '", file_path_, "'");
     file_descriptor_ = *static_cast<int*>(handle);
@@ -811,6 +906,7 @@ void HDF5Writer::Impl::open_file() {
   }
   activations_ = open_or_create_group(root, "activations", where("/activations"));
   rows_per_step_ = open_or_create_group(root, "rows_per_step", where("/rows_per_step"));
+  index_chunks_by_extensible_arrays(root);
   for (const auto& module : link_names(activations_.get(), where("/activations"))) {
     Handle group(FLEXMODEL_H5(H5Gopen2(activations_.get(), module.c_str(), H5P_DEFAULT), "could not open ",
                               where("/activations/" + module)),
@@ -1365,16 +1461,24 @@ void HDF5Writer::Impl::write_in_flight(std::size_t keep) {
 }
 
 void HDF5Writer::Impl::flush_file(const char* what) {
-  // The file must reach the end of the allocated space before a superblock
-  // saying so does: HDF5 refuses a file shorter than that.
+  // The superblock on disk first records an end past everything the flush
+  // may write (see the top), and the file reaches that end: HDF5 refuses a
+  // file shorter than its superblock says. The flush may still allocate the
+  // chunks of rows_per_step, hence the reserve.
   haddr_t end = 0;
   FLEXMODEL_H5(H5Fget_eoa(file_.get(), &end), "could not read the end of '", path_, "'");
+  const std::uint64_t reserved = end + kFlushReserveBytes + datasets_.size() * kRowsPerStepChunk * sizeof(std::int64_t);
   struct stat status {};
   FLEXMODEL_CHECK(::fstat(file_descriptor_, &status) == 0, IOError, "could not stat '", path_,
                   "': ", std::strerror(errno));
-  if (static_cast<haddr_t>(status.st_size) < end) {
-    FLEXMODEL_CHECK(::ftruncate(file_descriptor_, static_cast<off_t>(end)) == 0, IOError, "could not extend '",
-                    path_, "' to ", end, " bytes: ", std::strerror(errno));
+  if (static_cast<std::uint64_t>(status.st_size) < reserved) {
+    FLEXMODEL_CHECK(::ftruncate(file_descriptor_, static_cast<off_t>(reserved)) == 0, IOError, "could not extend '",
+                    path_, "' to ", reserved, " bytes: ", std::strerror(errno));
+  }
+  Superblock superblock;
+  if (superblock.read(file_descriptor_) && superblock.end() < reserved) {
+    FLEXMODEL_CHECK(superblock.write_end(file_descriptor_, reserved), IOError, "could not write the superblock of '",
+                    path_, "': ", std::strerror(errno));
   }
   FLEXMODEL_H5(H5Fflush(file_.get(), H5F_SCOPE_LOCAL), "could not flush ", what, " of step ", steps_, " to '", path_,
                "' (datasets ", dataset_list(), ")");
@@ -1450,6 +1554,7 @@ void HDF5Writer::Impl::finish() {
   activations_.reset();
   rows_per_step_.reset();
   FLEXMODEL_H5(H5Fclose(file_.release()), "could not close '", path_, "'");
+  trim_to_recorded_end(path_);
   sync_path(path_);
   logger()->info("HDF5Writer: closed '{}' with {} steps", path_, steps_);
 }

@@ -1,6 +1,7 @@
 """Checks a file left by a writer process that was killed (or that appended to one).
 
     check_killed.py FILE KNOWN_STEPS [--exact]
+    check_killed.py --list LIST      (LIST: lines "FILE KNOWN_STEPS"; checks them all)
 
 The writer (test_hdf5 --child-writer) wrote the datasets below, step after
 step, with values computed from (dataset, step, row, column). The file must
@@ -70,15 +71,28 @@ def check(path, known, exact):
     return errors
 
 
-def main():
-    path, known, exact = sys.argv[1], int(sys.argv[2]), "--exact" in sys.argv[3:]
+def errors_of(path, known, exact):
     try:
-        errors = check(path, known, exact)
+        return check(path, known, exact)
     except Exception as error:  # a file h5py cannot read is the failure this test looks for
-        errors = [f"{type(error).__name__}: {error}"]
-    for error in errors:
-        print(f"{path}: {error}", file=sys.stderr)
-    return 1 if errors else 0
+        return [f"{type(error).__name__}: {error}"]
+
+
+def main():
+    if sys.argv[1] == "--list":
+        with open(sys.argv[2]) as listing:
+            files = [(path, int(known), False) for path, known in (line.split() for line in listing if line.strip())]
+    else:
+        files = [(sys.argv[1], int(sys.argv[2]), "--exact" in sys.argv[3:])]
+    failed = 0
+    for path, known, exact in files:
+        errors = errors_of(path, known, exact)
+        for error in errors:
+            print(f"{path}: {error}", file=sys.stderr)
+        failed += bool(errors)
+    if len(files) > 1:
+        print(f"{len(files) - failed} of {len(files)} files hold every step reported committed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
