@@ -1,10 +1,11 @@
 // flex-dump --model M.pt --input tokens.npy --hooks "layers.*.mlp,embed_tokens"
 //           [--pre-hooks PATTERNS] --out acts.h5 [--batch-size N]
-//           [--compression gzip:4] [--overwrite | --append] [--dp N]
+//           [--compression gzip:4] [--overwrite | --append] [--dp N] [--tp N --pp N]
 // Runs a TorchScript model over the rows of an .npy input, batch by batch, and
 // streams the chosen hook points' activations to an HDF5 file. Under
 // `mpirun -np N ... --dp N` each rank runs its share of every batch and rank 0
-// writes the gathered activations.
+// writes the gathered activations. With --tp/--pp a model of the GPT layout is
+// rebuilt from its weights as a ParallelGPT and sharded over the mesh.
 #include <unistd.h>
 
 #include <chrono>
@@ -12,15 +13,18 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
-#include <tuple>
+#include <optional>
 #include <sstream>
+#include <tuple>
 
 #include <CLI/CLI.hpp>
 
 #include <flexmodel/dist.h>
 #include <flexmodel/flexmodel.h>
 #include <flexmodel/io/hdf5_writer.h>
+#include <flexmodel/models/gpt.h>
 #include <flexmodel/npy.h>
+#include <flexmodel/parallel.h>
 #include <flexmodel/torchscript.h>
 
 namespace {
@@ -95,57 +99,54 @@ class Summary final : public flexmodel::Sink {
   std::map<std::string, std::tuple<std::int64_t, std::vector<std::int64_t>, std::string>> datasets_;
 };
 
-int run(int argc, char** argv) {
-  CLI::App app{"Runs a TorchScript model over an .npy input and streams hooked activations to HDF5.", "flex-dump"};
-  std::string model_path, input_path, hooks, pre_hooks, out_path, compression = "none";
-  std::int64_t batch_size = 8, dp = 1;
+struct Settings {
+  std::string model_path, input_path, hooks, pre_hooks, out_path, compression = "none", command_line;
+  std::int64_t batch_size = 8, tp = 1, pp = 1, dp = 1;
+  std::optional<std::int64_t> heads;
   bool overwrite = false, append = false;
-  app.add_option("--model", model_path, "TorchScript file")->required();
-  app.add_option("--input", input_path, ".npy input; its first dimension holds the rows")->required();
-  app.add_option("--hooks", hooks, "comma-separated module patterns for forward hooks (outputs)");
-  app.add_option("--pre-hooks", pre_hooks, "comma-separated module patterns for forward-pre hooks (inputs)");
-  app.add_option("--out", out_path, "HDF5 file to write")->required();
-  app.add_option("--batch-size", batch_size, "global rows per forward (default 8; the last batch may be smaller)");
-  app.add_option("--compression", compression, "none, gzip[:N], or a filter plugin's lz4 / zstd[:N] / blosc[:N]");
-  auto* overwrite_flag = app.add_flag("--overwrite", overwrite, "replace an existing file");
-  app.add_flag("--append", append, "continue an existing file with the same layout")->excludes(overwrite_flag);
-  app.add_option("--dp", dp, "data-parallel ranks (mpirun -np N ... --dp N)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& error) {
-    return app.exit(error);
-  }
-  FLEXMODEL_CHECK(!hooks.empty() || !pre_hooks.empty(), flexmodel::ConfigError,
-                  "nothing to dump: give --hooks and/or --pre-hooks");
-  FLEXMODEL_CHECK(batch_size > 0 && batch_size % dp == 0, flexmodel::ConfigError, "--batch-size ", batch_size,
-                  " must be a positive multiple of --dp ", dp);
+};
 
-  torch::NoGradGuard no_grad;
-  const bool root = flexmodel::dist::world_rank() == 0;
-  flexmodel::ScriptFlexModel fm(model_path, flexmodel::FlexModelOptions().dp(dp).outputs(false));
-  for (const auto& pattern : split_patterns(hooks)) fm.create_hook_group("dump", pattern);
-  for (const auto& pattern : split_patterns(pre_hooks)) {
+void register_patterns(flexmodel::FlexModelBase& fm, const Settings& settings) {
+  for (const auto& pattern : split_patterns(settings.hooks)) fm.create_hook_group("dump", pattern);
+  for (const auto& pattern : split_patterns(settings.pre_hooks)) {
     fm.create_hook_group("dump", pattern, {}, {}, 0, flexmodel::HookType::forward_pre);
   }
-  const torch::Tensor input = flexmodel::read_npy(input_path);
-  FLEXMODEL_CHECK(input.dim() >= 1 && input.size(0) > 0, flexmodel::ShapeError, "'", input_path,
-                  "' holds no rows (shape ", input.sizes(), ")");
-  const std::int64_t rows = input.size(0);
-  FLEXMODEL_CHECK(rows % batch_size % dp == 0, flexmodel::ConfigError, "the last batch has ", rows % batch_size,
-                  " rows, not a multiple of --dp ", dp, "; choose --batch-size so that it is");
-  // One small forward first: a model that rejects the input fails before any file exists.
-  fm.forward(flexmodel::Groups{"dump"}, {input.narrow(0, 0, dp)});
+}
 
+// Under tensor parallelism a hook must know the unsharded shape to gather a
+// sharded activation: one row through the whole model in this process gives
+// every hooked module's shape, registered with any batch size.
+void register_sharded_hooks(flexmodel::FlexModelBase& sharded, const flexmodel::models::GPT& full,
+                            const Settings& settings, const torch::Tensor& one_row) {
+  flexmodel::FlexModel probe(full);
+  register_patterns(probe, settings);
+  probe.forward(flexmodel::Groups{"dump"}, one_row);
+  for (const auto& [module_name, type] : probe.outputs().keys()) {
+    const auto sizes = probe.outputs().at(module_name, type).front().sizes();
+    flexmodel::ExpectedShape shape(sizes.begin(), sizes.end());
+    if (!shape.empty()) shape.front() = std::nullopt;
+    sharded.register_hook_function(flexmodel::HookFunction(module_name, shape), type);
+  }
+  for (const auto& hook : sharded.hooks()) sharded.update_hook_groups(hook, "dump");
+}
+
+// Runs `forward` over the input batch by batch, streaming the "dump" group's
+// activations to the file on rank 0.
+template <class Forward>
+int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settings, const torch::Tensor& input) {
+  const bool root = flexmodel::dist::world_rank() == 0;
+  const std::int64_t rows = input.size(0), batch_size = settings.batch_size;
   std::shared_ptr<flexmodel::io::HDF5Writer> writer;
   if (root) {
-    writer = std::make_shared<flexmodel::io::HDF5Writer>(
-        out_path, flexmodel::io::HDF5WriterOptions()
-                      .model(model_path)
-                      .dp(dp)
-                      .command_line(command_line(argc, argv))
-                      .compression(compression)
-                      .overwrite(overwrite)
-                      .append(append));
+    writer = std::make_shared<flexmodel::io::HDF5Writer>(settings.out_path, flexmodel::io::HDF5WriterOptions()
+                                                                               .model(settings.model_path)
+                                                                               .tp(settings.tp)
+                                                                               .pp(settings.pp)
+                                                                               .dp(settings.dp)
+                                                                               .command_line(settings.command_line)
+                                                                               .compression(settings.compression)
+                                                                               .overwrite(settings.overwrite)
+                                                                               .append(settings.append));
     fm.add_sink(writer);
   }
   auto summary = std::make_shared<Summary>();
@@ -153,19 +154,81 @@ int run(int argc, char** argv) {
   Progress progress(rows);
   const auto start = Clock::now();
   for (std::int64_t first = 0; first < rows; first += batch_size) {
-    fm.forward(flexmodel::Groups{"dump"}, {input.narrow(0, first, std::min(batch_size, rows - first))});
+    forward(input.narrow(0, first, std::min(batch_size, rows - first)));
     if (root) progress.update(std::min(first + batch_size, rows));
   }
   fm.close_sinks();
   if (root) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    const auto bytes = std::filesystem::file_size(out_path);
-    std::printf("flex-dump: wrote %s: %lld rows in %lld forwards, %.1f MB in %.2f s (%.1f MB/s)\n", out_path.c_str(),
-                static_cast<long long>(rows), static_cast<long long>((rows + batch_size - 1) / batch_size),
-                static_cast<double>(bytes) / 1e6, seconds, static_cast<double>(bytes) / 1e6 / seconds);
+    const auto bytes = std::filesystem::file_size(settings.out_path);
+    std::printf("flex-dump: wrote %s: %lld rows in %lld forwards, %.1f MB in %.2f s (%.1f MB/s)\n",
+                settings.out_path.c_str(), static_cast<long long>(rows),
+                static_cast<long long>((rows + batch_size - 1) / batch_size), static_cast<double>(bytes) / 1e6,
+                seconds, static_cast<double>(bytes) / 1e6 / seconds);
     summary->print();
   }
   return 0;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"Runs a TorchScript model over an .npy input and streams hooked activations to HDF5.", "flex-dump"};
+  Settings settings;
+  app.add_option("--model", settings.model_path, "TorchScript file")->required();
+  app.add_option("--input", settings.input_path, ".npy input; its first dimension holds the rows")->required();
+  app.add_option("--hooks", settings.hooks, "comma-separated module patterns for forward hooks (outputs)");
+  app.add_option("--pre-hooks", settings.pre_hooks, "comma-separated module patterns for forward-pre hooks (inputs)");
+  app.add_option("--out", settings.out_path, "HDF5 file to write")->required();
+  app.add_option("--batch-size", settings.batch_size,
+                 "global rows per forward (default 8; the last batch may be smaller)");
+  app.add_option("--compression", settings.compression,
+                 "none, gzip[:N], or a filter plugin's lz4 / zstd[:N] / blosc[:N]");
+  auto* overwrite_flag = app.add_flag("--overwrite", settings.overwrite, "replace an existing file");
+  app.add_flag("--append", settings.append, "continue an existing file with the same layout")->excludes(overwrite_flag);
+  app.add_option("--dp", settings.dp, "data-parallel ranks (mpirun -np N ... --dp N)");
+  app.add_option("--tp", settings.tp,
+                 "tensor-parallel ranks; with --tp or --pp the model must have the GPT layout of "
+                 "flexmodel::models::GPT, which is rebuilt from its weights as a flexmodel::parallel::ParallelGPT");
+  app.add_option("--pp", settings.pp, "pipeline stages (see --tp)");
+  app.add_option("--heads", settings.heads, "attention heads, for --tp/--pp on an export that does not record them");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    return app.exit(error);
+  }
+  settings.command_line = command_line(argc, argv);
+  FLEXMODEL_CHECK(!settings.hooks.empty() || !settings.pre_hooks.empty(), flexmodel::ConfigError,
+                  "nothing to dump: give --hooks and/or --pre-hooks");
+  FLEXMODEL_CHECK(settings.tp > 0 && settings.pp > 0 && settings.dp > 0, flexmodel::ConfigError,
+                  "--tp, --pp and --dp must be positive");
+  const std::int64_t dp = settings.dp;
+  FLEXMODEL_CHECK(settings.batch_size > 0 && settings.batch_size % dp == 0, flexmodel::ConfigError, "--batch-size ",
+                  settings.batch_size, " must be a positive multiple of --dp ", dp);
+
+  torch::NoGradGuard no_grad;
+  const auto options = flexmodel::FlexModelOptions().tp(settings.tp).pp(settings.pp).dp(dp).outputs(false);
+  auto module = flexmodel::load_torchscript(settings.model_path);
+  const torch::Tensor input = flexmodel::read_npy(settings.input_path);
+  FLEXMODEL_CHECK(input.dim() >= 1 && input.size(0) > 0, flexmodel::ShapeError, "'", settings.input_path,
+                  "' holds no rows (shape ", input.sizes(), ")");
+  FLEXMODEL_CHECK(input.size(0) % settings.batch_size % dp == 0, flexmodel::ConfigError, "the last batch has ",
+                  input.size(0) % settings.batch_size, " rows, not a multiple of --dp ", dp,
+                  "; choose --batch-size so that it is");
+
+  if (settings.tp == 1 && settings.pp == 1) {
+    flexmodel::ScriptFlexModel fm(module, options);
+    register_patterns(fm, settings);
+    auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, {batch}); };
+    // One small forward first: a model that rejects the input fails before any file exists.
+    forward(input.narrow(0, 0, dp));
+    return dump(fm, forward, settings, input);
+  }
+  const auto full = flexmodel::models::gpt_from_torchscript(module, "'" + settings.model_path + "'", settings.heads);
+  const auto mesh = flexmodel::dist::Mesh::create({settings.tp, settings.pp, dp});
+  flexmodel::parallel::ParallelGPT sharded(*full, mesh);
+  flexmodel::FlexModel fm(sharded, options);
+  register_sharded_hooks(fm, full, settings, input.narrow(0, 0, 1));
+  auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, batch); };
+  return dump(fm, forward, settings, input);
 }
 
 }  // namespace

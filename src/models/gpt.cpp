@@ -2,8 +2,10 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 
 #include <torch/nn/functional.h>
+#include <torch/script.h>
 
 #include "flexmodel/error.h"
 
@@ -73,6 +75,52 @@ torch::Tensor GPTImpl::forward(const torch::Tensor& tokens) {
   auto h = embed_tokens(tokens) + embed_positions(positions);
   for (std::size_t i = 0; i < layers->size(); ++i) h = layers->call<BlockImpl>(i, h);
   return lm_head(norm(h));
+}
+
+GPT gpt_from_torchscript(const torch::jit::Module& module, const std::string& source,
+                         std::optional<std::int64_t> n_heads) {
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& parameter : module.named_parameters()) weights[parameter.name] = parameter.value;
+  auto weight = [&](const std::string& name, std::int64_t dim) {
+    auto found = weights.find(name);
+    FLEXMODEL_CHECK(found != weights.end() && found->second.dim() == 2, ConfigError, source,
+                    " does not have the GPT layout: no 2-d weight '", name, "'");
+    return found->second.size(dim);
+  };
+  std::int64_t layers = 0;
+  while (weights.count("layers." + std::to_string(layers) + ".mlp.fc_in.weight") != 0) ++layers;
+  FLEXMODEL_CHECK(layers > 0, ConfigError, source, " does not have the GPT layout: no 'layers.0.mlp.fc_in.weight'");
+  if (!n_heads) {
+    for (const auto& child : module.named_modules()) {
+      if (child.name == "layers.0.attn" && child.value.hasattr("n_heads")) n_heads = child.value.attr("n_heads").toInt();
+    }
+  }
+  FLEXMODEL_CHECK(n_heads.has_value(), ConfigError, source,
+                  ": the attention modules keep no 'n_heads' attribute (a traced export); give the head count");
+  auto options = GPTOptions()
+                     .vocab_size(weight("embed_tokens.weight", 0))
+                     .max_positions(weight("embed_positions.weight", 0))
+                     .d_model(weight("embed_tokens.weight", 1))
+                     .n_heads(*n_heads)
+                     .n_layers(layers)
+                     .d_mlp(weight("layers.0.mlp.fc_in.weight", 0));
+  GPT model(options);
+  torch::NoGradGuard no_grad;
+  for (auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor& parameter = item.value();
+    auto found = weights.find(name);
+    FLEXMODEL_CHECK(found != weights.end(), ConfigError, source, " does not have the GPT layout: no weight '", name,
+                    "'");
+    FLEXMODEL_CHECK(found->second.sizes() == parameter.sizes(), ConfigError, source, ": weight '", name, "' has shape ",
+                    found->second.sizes(), ", the GPT layout needs ", parameter.sizes());
+    parameter.copy_(found->second);
+    weights.erase(found);
+  }
+  FLEXMODEL_CHECK(weights.empty(), ConfigError, source, " has weights the GPT layout lacks, e.g. '",
+                  weights.begin()->first, "'");
+  model->eval();
+  return model;
 }
 
 }  // namespace flexmodel::models

@@ -51,12 +51,39 @@ def main(tool, fixtures, mpirun):
                 np.testing.assert_allclose(two[path][()], one[path][()], rtol=0, atol=1e-6)
             assert two.attrs["dp"] == 2
 
+        # A tensor- and data-parallel mesh (2, 1, 2) and a pipeline (1, 3, 1) over the
+        # same weights rebuilt as a ParallelGPT: TP-sharded activations (fc_in's
+        # output, fc_out's input) are gathered, every stage's reach rank 0.
+        wide = ["--hooks", "layers.*.mlp,layers.*.mlp.fc_in,layers.*.attn,embed_tokens",
+                "--pre-hooks", "lm_head,layers.*.mlp.fc_out"]
+        flat = dict(zip(common[::2], common[1::2]))
+        flat.update(dict(zip(wide[::2], wide[1::2])))
+        flat = [item for pair in flat.items() for item in pair]
+        whole = os.path.join(scratch, "whole.h5")
+        result = run(tool, *flat, "--out", whole, "--batch-size", "2")
+        assert result.returncode == 0, result.stderr
+        for tp, pp, dp in [(2, 1, 2), (1, 3, 1)]:
+            meshed = os.path.join(scratch, f"mesh_{tp}{pp}{dp}.h5")
+            result = run(*mpirun, "-np", str(tp * pp * dp), tool, *flat, "--out", meshed, "--batch-size", "2",
+                         "--tp", str(tp), "--pp", str(pp), "--dp", str(dp))
+            assert result.returncode == 0, result.stdout + result.stderr
+            with h5py.File(whole, "r") as one, h5py.File(meshed, "r") as many:
+                names = sorted(f"{name}/{kind}" for name in one["activations"] for kind in one["activations"][name])
+                assert names == sorted(f"{name}/{kind}" for name in many["activations"]
+                                       for kind in many["activations"][name]), (tp, pp, dp)
+                assert len(names) == 14, names
+                for name in names:
+                    np.testing.assert_allclose(many["activations"][name][()], one["activations"][name][()],
+                                               rtol=0, atol=1e-5, err_msg=f"{name} under ({tp}, {pp}, {dp})")
+                assert (many.attrs["tp"], many.attrs["pp"], many.attrs["dp"]) == (tp, pp, dp)
+
         # Bad input: one line on stderr, non-zero exit, and no file left behind.
         floats = os.path.join(scratch, "floats.npy")
         np.save(floats, np.zeros((2, 12), dtype=np.float32))
         for args, needle in [(["--hooks", "layer.*.mlp"], "matches no module"),
                              (["--input", floats], "rejected its input"),
-                             (["--model", os.path.join(scratch, "missing.pt")], "does not exist")]:
+                             (["--model", os.path.join(scratch, "missing.pt")], "does not exist"),
+                             (["--model", os.path.join(fixtures, "gpt_traced.pt"), "--tp", "2"], "n_heads")]:
             out = os.path.join(scratch, "bad.h5")
             replaced = dict(zip(common[::2], common[1::2]))
             replaced.update(dict(zip(args[::2], args[1::2])))
@@ -73,7 +100,8 @@ def main(tool, fixtures, mpirun):
         assert run(tool, *common, "--out", single, "--append").returncode == 0
         with h5py.File(single, "r") as h5:
             assert h5["activations/layers.0.mlp/forward"].shape[0] == 4
-    print(f"flex-dump: {checked} datasets equal PyTorch's hooks; dp 2 equals one process; errors leave no file")
+    print(f"flex-dump: {checked} datasets equal PyTorch's hooks; meshes (1,1,2) (2,1,2) (1,3,1) equal one process; "
+          "errors leave no file")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <tuple>
 
 #include <torch/arg.h>
@@ -13,6 +15,10 @@
 
 #include "flexmodel/hooked.h"
 #include "flexmodel/nn.h"
+
+namespace torch::jit {
+struct Module;
+}
 
 namespace flexmodel::models {
 
@@ -89,5 +95,13 @@ class GPTImpl : public torch::nn::Module {
   GPTOptions options_;
 };
 FLEX_MODULE(GPT);
+
+// A GPT with the weights of a TorchScript export of the same layout (the names
+// above; tests/fixtures/make_fixtures.py writes one), e.g. to shard it with
+// parallel::ParallelGPT. Sizes come from the weights, the head count from the
+// attention modules' `n_heads` attribute unless given. A missing, extra or
+// misshapen weight is a ConfigError naming it and `source`.
+GPT gpt_from_torchscript(const torch::jit::Module& module, const std::string& source,
+                         std::optional<std::int64_t> n_heads = std::nullopt);
 
 }  // namespace flexmodel::models
