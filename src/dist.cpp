@@ -97,7 +97,7 @@ class MpiCommunicator final : public Communicator {
     auto [front, row_bytes] = rows_first(shard.cpu(), dim);
     const int count = to_count(front.size(0) * row_bytes * size_, "gather");
     torch::Tensor full;
-    if (rank_ == root) full = torch::empty(front_shape(shard, dim, front.size(0) * size_), front.options());
+    if (rank_ == root) full = result_buffer(front_shape(shard, dim, front.size(0) * size_), front.options());
     check_mpi(MPI_Gather(front.data_ptr(), count / size_, MPI_BYTE, rank_ == root ? full.data_ptr() : nullptr,
                          count / size_, MPI_BYTE, root, comm_),
               "MPI_Gather");
@@ -118,7 +118,7 @@ class MpiCommunicator final : public Communicator {
   torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t dim) override {
     auto [front, row_bytes] = rows_first(shard.cpu(), dim);
     const int count = to_count(front.size(0) * row_bytes * size_, "all_gather");
-    torch::Tensor full = torch::empty(front_shape(shard, dim, front.size(0) * size_), front.options());
+    torch::Tensor full = result_buffer(front_shape(shard, dim, front.size(0) * size_), front.options());
     check_mpi(MPI_Allgather(front.data_ptr(), count / size_, MPI_BYTE, full.data_ptr(), count / size_, MPI_BYTE, comm_),
               "MPI_Allgather");
     return full.movedim(0, dim).contiguous().to(shard.device());
@@ -183,7 +183,29 @@ class MpiCommunicator final : public Communicator {
   void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
 
  private:
+  // A gather's result, in a buffer of an earlier result that nothing holds any
+  // more when there is one: a fresh buffer of many MiB costs its page faults
+  // on every call, which a raw MPI call into a kept buffer does not pay.
+  torch::Tensor result_buffer(const std::vector<std::int64_t>& shape, const torch::TensorOptions& options) {
+    constexpr std::int64_t kSmallestKeptBytes = std::int64_t{1} << 18;
+    constexpr std::size_t kKeptBuffers = 4;
+    std::int64_t elements = 1;
+    for (std::int64_t size : shape) elements *= size;
+    const auto dtype = options.dtype();
+    if (elements * static_cast<std::int64_t>(dtype.itemsize()) < kSmallestKeptBytes) return torch::empty(shape, options);
+    for (const auto& buffer : kept_buffers_) {
+      if (buffer.storage().use_count() == 1 && buffer.numel() == elements && buffer.dtype() == dtype) {
+        return buffer.view(shape);
+      }
+    }
+    torch::Tensor fresh = torch::empty(shape, options);
+    if (kept_buffers_.size() == kKeptBuffers) kept_buffers_.erase(kept_buffers_.begin());
+    kept_buffers_.push_back(fresh);
+    return fresh;
+  }
+
   MPI_Comm comm_;
+  std::vector<torch::Tensor> kept_buffers_;
   int rank_ = 0;
   int size_ = 1;
 };

@@ -157,6 +157,26 @@ TEST(Communicators, Bfloat16AndFloat16TravelIntact) {
   }
 }
 
+// Large results reuse the buffers of earlier ones, but only of results that
+// nothing holds: a kept result keeps its values through later gathers.
+TEST(Communicators, AKeptGatherResultIsNeverOverwritten) {
+  auto mesh = dist::Mesh::create(g_shape);
+  auto& world = mesh->world();
+  auto whole = [&](float step) {  // 512 KiB per rank, above the size whose buffers are kept
+    return torch::arange(world.size() * (1 << 17), torch::kFloat) + step;
+  };
+  auto mine = [&](float step) { return whole(step).chunk(world.size(), 0)[world.rank()].contiguous(); };
+  const torch::Tensor kept = world.all_gather(mine(0), 0);
+  const torch::Tensor kept_on_root = world.gather(mine(0.5), 0, 0);
+  for (int step = 1; step <= 3; ++step) {
+    EXPECT_TRUE(torch::equal(world.all_gather(mine(step), 0), whole(step)));
+    auto gathered = world.gather(mine(step + 0.5f), 0, 0);
+    if (world.rank() == 0) EXPECT_TRUE(torch::equal(gathered, whole(step + 0.5f)));
+  }
+  EXPECT_TRUE(torch::equal(kept, whole(0)));
+  if (world.rank() == 0) EXPECT_TRUE(torch::equal(kept_on_root, whole(0.5)));
+}
+
 TEST(Mesh, AWorldOfTheWrongSizeIsAnErrorBeforeAnyCollective) {
   dist::MeshShape wrong{g_shape.tp, g_shape.pp, g_shape.dp + 1};
   try {
