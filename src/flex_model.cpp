@@ -249,8 +249,6 @@ Route route_of(const HookRecord& record, const torch::Tensor& local, const dist:
   return route;
 }
 
-bool is_gradient(HookType type) { return type != HookType::forward && type != HookType::forward_pre; }
-
 // Single process: check → capture → edit → check, in place.
 void apply_hook_locally(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
                         bool in_forward) {
@@ -267,10 +265,6 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
   const dist::Mesh& mesh = *state.mesh;
   const Route route = route_of(record, tensor, mesh);
   const bool editing = static_cast<bool>(record.function.editing_function());
-  const double dp_size = static_cast<double>(mesh.shape().dp);
-  // Data-parallel gradients of a mean loss are dp × the whole batch's; the
-  // hook sees the whole batch's, as in one process.
-  const bool scale_gradient = route.gather_dp && is_gradient(record.type);
 
   torch::Tensor stage = route.tp_dim >= 0 ? mesh.tp_group().gather(tensor, route.tp_dim, 0) : tensor;
   torch::Tensor full = stage;
@@ -280,7 +274,6 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
   torch::Tensor edited;
   if (mesh.stage_leader()) {
     try {
-      if (scale_gradient) full = full / dp_size;
       check_expected_shape(record, full);
       if (record.function.capture()) capture(state, record, full, in_forward);
       if (editing) edited = run_editing_function(state, record, full, step);
@@ -297,7 +290,6 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
     g_error_raised_on_every_rank = true;
     throw HookError(failure);
   }
-  if (mesh.stage_leader() && scale_gradient) edited = edited * dp_size;
   torch::Tensor local_stage = edited;
   if (mesh.tp_rank() == 0 && route.gather_dp) {
     local_stage = mesh.dp_group().scatter(edited, stage, 0, 0);
@@ -1065,10 +1057,20 @@ void FlexModelBase::ForwardScope::take_batch_shard(detail::TensorLeaves& inputs)
 }
 
 void FlexModelBase::ForwardScope::gather_batch(detail::TensorLeaves& outputs) const {
+  dist::Communicator& dp_group = state_.mesh->dp_group();
   for (torch::Tensor* output : outputs) {
     if (!output->defined() || output->dim() == 0) continue;
-    torch::Tensor whole = state_.mesh->dp_group().gather(*output, 0, 0);
-    if (state_.mesh->dp_rank() == 0) *output = whole;
+    if (!(torch::GradMode::is_enabled() && output->requires_grad())) {
+      torch::Tensor whole = dp_group.gather(*output, 0, 0);
+      if (dp_group.rank() == 0) *output = whole;
+      continue;
+    }
+    // Every rank gets the whole output, its own rows still in its graph: a
+    // loss over the whole batch then gives each rank exactly the one-process
+    // gradient of its rows (and gradient hooks see the one-process gradient).
+    const torch::Tensor whole = dp_group.all_gather(output->detach(), 0);
+    const std::int64_t rows = output->size(0), first = dp_group.rank() * rows;
+    *output = torch::cat({whole.narrow(0, 0, first), *output, whole.narrow(0, first + rows, whole.size(0) - first - rows)});
   }
 }
 

@@ -186,7 +186,8 @@ class FlexModelBase {
     // error not raised on every rank ends every rank, so none waits forever.
     void failed(std::exception_ptr error);
     // Data parallel: keeps this rank's rows of each input tensor with the
-    // batch's dim 0, and concatenates the outputs' rows back on dp rank 0.
+    // batch's dim 0, and concatenates the outputs' rows back on dp rank 0
+    // (on every dp rank for outputs that require grad).
     bool splits_batch() const;
     void take_batch_shard(detail::TensorLeaves& inputs) const;
     void gather_batch(detail::TensorLeaves& outputs) const;

@@ -141,6 +141,49 @@ TEST(TorchScript, DataParallelCapturesAndLogitsEqualOneProcess) {
   }
 }
 
+// Backward through a data-parallel forward: every rank gets the whole logits
+// (its own rows in its graph), takes the same loss and calls backward; the
+// gradient hooks on rank 0, parameter gradients summed over DP, and an edit of
+// a gradient all equal one process's.
+TEST(DataParallel, BackwardHooksAndGradientsEqualOneProcess) {
+  if (g_shape.tp != 1 || g_shape.pp != 1) {
+    GTEST_SKIP() << "flexmodel::parallel layers run forward only; backward is tested on data-parallel meshes";
+  }
+  torch::manual_seed(0);
+  models::GPT model(small_gpt());
+  torch::manual_seed(6);
+  const auto tokens = torch::randint(0, 64, {4, 8});
+  auto run = [&](FlexModelOptions options) {
+    model->zero_grad();
+    FlexModel fm(model, options);
+    fm.register_full_backward_pre_hook(HookFunction("layers.1.mlp"));
+    fm.register_full_backward_hook(HookFunction("layers.2.attn"));
+    fm.register_full_backward_pre_hook(HookFunction("layers.3", {}, hooks::scale(0.5)));
+    auto logits = fm.forward(tokens);
+    (logits.pow(2).mean()).backward();
+    std::map<std::string, torch::Tensor> results{{"logits", logits.detach()}};
+    if (dist::world_rank() == 0) {
+      results["gradient hook layers.1.mlp"] = fm.outputs().at("layers.1.mlp", HookType::full_backward_pre)[0];
+      results["gradient hook layers.2.attn"] = fm.outputs().at("layers.2.attn", HookType::full_backward)[0];
+    }
+    for (const auto& item : model->named_parameters()) results["parameter " + item.key()] = item.value().grad().clone();
+    return results;
+  };
+  const auto single = run(FlexModelOptions());
+  auto sharded = run(FlexModelOptions().dp(g_shape.dp));
+  auto mesh = dist::Mesh::create(g_shape);
+  for (auto& [name, tensor] : sharded) {
+    // Each rank's parameter gradients come from its rows only; DP sums them.
+    if (name.rfind("parameter ", 0) == 0) tensor = mesh->dp_group().all_reduce_sum(tensor);
+  }
+  ASSERT_EQ(sharded.size(), single.size());
+  for (const auto& [name, expected] : single) {
+    const torch::Tensor& ours = sharded.at(name);
+    ASSERT_EQ(ours.sizes(), expected.sizes()) << name;
+    EXPECT_TRUE(torch::allclose(ours, expected, 1e-5, 1e-6)) << name << " max |Δ| " << (ours - expected).abs().max();
+  }
+}
+
 TEST(Communicators, Bfloat16AndFloat16TravelIntact) {
   auto mesh = dist::Mesh::create(g_shape);
   auto& world = mesh->world();
