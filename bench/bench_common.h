@@ -12,6 +12,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include <flexmodel/flex_model.h>
+
 namespace flexmodel::bench {
 
 inline double seconds_of(const std::function<void()>& work) {
@@ -68,6 +70,12 @@ Paired measure_pairs(benchmark::State& state, Baseline&& baseline, Variant&& var
     state.ResumeTiming();
   }
   return paired;
+}
+
+// The GPT benchmarks' 24 retrieval hooks: every attention and MLP output.
+inline void hook_attention_and_mlp(FlexModelBase& fm) {
+  fm.create_hook_group("attn", "layers.*.attn");
+  fm.create_hook_group("mlp", "layers.*.mlp");
 }
 
 }  // namespace flexmodel::bench

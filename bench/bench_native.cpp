@@ -12,6 +12,7 @@
 
 namespace {
 
+using flexmodel::bench::hook_attention_and_mlp;
 using flexmodel::bench::measure_pairs;
 
 // A forward that does almost nothing, so the holder's own cost shows.
@@ -72,10 +73,7 @@ void gpt_forward(benchmark::State& state, const flexmodel::models::GPTOptions& o
   torch::NoGradGuard no_grad;
   auto& model = model_of(options);
   flexmodel::FlexModel fm(model);
-  if (state.range(2) > 0) {
-    fm.create_hook_group("attn", "layers.*.attn");
-    fm.create_hook_group("mlp", "layers.*.mlp");
-  }
+  if (state.range(2) > 0) hook_attention_and_mlp(fm);
   state.counters["hooks"] = static_cast<double>(fm.hooks().size());
   torch::manual_seed(1);
   auto tokens = torch::randint(0, options.vocab_size(), {state.range(0), state.range(1)});
@@ -106,10 +104,8 @@ void gpt2_small_dump_forward(benchmark::State& state) {
   auto writer = std::make_shared<flexmodel::io::HDF5Writer>(path.string(),
                                                              flexmodel::io::HDF5WriterOptions().overwrite(true));
   dumping.add_sink(writer);
-  for (auto* fm : {&in_memory, &dumping}) {
-    fm->create_hook_group("attn", "layers.*.attn");
-    fm->create_hook_group("mlp", "layers.*.mlp");
-  }
+  hook_attention_and_mlp(in_memory);
+  hook_attention_and_mlp(dumping);
   torch::manual_seed(1);
   auto tokens = torch::randint(0, 50257, {4, 128});
   measure_pairs(

@@ -10,6 +10,7 @@
 
 namespace {
 
+using flexmodel::bench::hook_attention_and_mlp;
 using flexmodel::bench::measure_pairs;
 
 std::string model_path(const std::string& file) {
@@ -41,10 +42,7 @@ void script_gpt_forward(benchmark::State& state, const std::string& file) {
   torch::NoGradGuard no_grad;
   auto module = flexmodel::load_torchscript(model_path(file));
   flexmodel::ScriptFlexModel fm(module);
-  if (state.range(2) > 0) {
-    fm.create_hook_group("attn", "layers.*.attn");
-    fm.create_hook_group("mlp", "layers.*.mlp");
-  }
+  if (state.range(2) > 0) hook_attention_and_mlp(fm);
   state.counters["hooks"] = static_cast<double>(fm.hooks().size());
   torch::manual_seed(1);
   const auto vocab = module.attr("embed_tokens").toModule().attr("weight").toTensor().size(0);

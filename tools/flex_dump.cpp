@@ -125,9 +125,9 @@ void register_sharded_hooks(flexmodel::FlexModelBase& sharded, const flexmodel::
     const auto sizes = probe.outputs().at(module_name, type).front().sizes();
     flexmodel::ExpectedShape shape(sizes.begin(), sizes.end());
     if (!shape.empty()) shape.front() = std::nullopt;
-    sharded.register_hook_function(flexmodel::HookFunction(module_name, shape), type);
+    sharded.update_hook_groups(sharded.register_hook_function(flexmodel::HookFunction(module_name, shape), type),
+                               "dump");
   }
-  for (const auto& hook : sharded.hooks()) sharded.update_hook_groups(hook, "dump");
 }
 
 // Runs `forward` over the input batch by batch, streaming the "dump" group's
