@@ -20,7 +20,9 @@ std::atomic<int> hooked_forwards_in_flight{0};
 
 constexpr std::size_t kModuleHookTypes = 4;  // every HookType but tensor
 
-struct HookRecord {
+struct Site;
+
+struct HookRecord : std::enable_shared_from_this<HookRecord> {
   explicit HookRecord(HookFunction hook) : function(std::move(hook)) {}
 
   std::uint64_t id = 0;
@@ -46,14 +48,37 @@ struct Site {
   std::string module_name;
   torch::nn::Module* module = nullptr;
   std::array<std::vector<std::shared_ptr<HookRecord>>, kModuleHookTypes> hooks;
-  std::size_t index = 0;  // position in ModelState::site_list
-  bool wants_inputs = false;
-  bool wants_outputs = false;
 
   std::vector<std::shared_ptr<HookRecord>>& of(HookType type) { return hooks[static_cast<std::size_t>(type)]; }
   bool empty() const {
     return std::all_of(hooks.begin(), hooks.end(), [](const auto& list) { return list.empty(); });
   }
+};
+
+// A hooked call runs its hooks in phases: its inputs' value hooks, then their
+// gradient hooks, then the same for its outputs.
+enum Phase : std::size_t { kInputValues, kInputGradients, kOutputValues, kOutputGradients };
+constexpr std::array<HookType, kModuleHookTypes> kPhaseType{HookType::forward_pre, HookType::full_backward,
+                                                            HookType::forward, HookType::full_backward_pre};
+
+// One active hook as a hooked call reads it. A plain capture (capture only: no
+// expected shape, no edit, one process) runs from this entry alone.
+struct ActiveHook {
+  HookRecord* record = nullptr;
+  OutputMap::Series* series = nullptr;
+  std::size_t unpack_idx = 0;
+  bool plain_capture = false;
+};
+
+// A module with active hooks in the running forward's selection, as a slot of
+// that selection's open-addressing table, so that a hooked call reads one slot
+// and then its hooks' entries, which lie together.
+struct ActiveSite {
+  const void* key = nullptr;
+  // The hooks of phase p are ModelState::active_hooks[bounds[p], bounds[p + 1]).
+  std::array<std::uint32_t, kModuleHookTypes + 1> bounds{};
+
+  bool has(Phase first, Phase last) const { return bounds[first] != bounds[last + 1]; }
 };
 
 struct ModelState {
@@ -72,29 +97,25 @@ struct ModelState {
   OutputMap outputs;
   std::int64_t step = 0;
 
-  // Which hooks and sites each group selection activates, computed once per
-  // selection and dropped when hooks or memberships change, so that switching
-  // groups between forwards only copies flags.
+  // What each group selection runs, computed once per selection and dropped
+  // when hooks or memberships change, so that switching groups between
+  // forwards only swaps tables.
   struct Selection {
     std::vector<char> hook_active;  // by HookRecord::index
-    std::vector<char> site_inputs, site_outputs;  // by Site::index
-    bool any_active_site = false;
+    std::vector<ActiveSite> site_table;  // a power of two of slots, at most half full
+    unsigned site_table_shift = 64;
+    std::vector<ActiveHook> hooks;
     bool checked_unfired = false;
   };
   std::map<std::pair<std::vector<std::string>, bool>, Selection> selections;
   std::vector<HookRecord*> records;
-  std::vector<Site*> site_list;
-  // Open-addressing table from module key to site: every hookable call of a
-  // hooked forward probes it, so it stays small and contiguous.
-  struct SiteSlot {
-    const void* key = nullptr;
-    Site* site = nullptr;
-  };
-  std::vector<SiteSlot> site_table;
-  unsigned site_table_shift = 64;
   const Selection* applied = nullptr;
   bool selections_valid = false;
-  bool any_active_site = false;
+  // The applied selection's tables, read by every hookable call of a forward.
+  const ActiveSite* active_sites = nullptr;
+  std::size_t active_site_mask = 0;
+  unsigned active_site_shift = 64;
+  const ActiveHook* active_hooks = nullptr;
   bool check_unfired = false;
 
   bool in_forward = false;
@@ -177,16 +198,20 @@ class NoHooksWhileEditing {
   ModelState* saved_;
 };
 
-void capture(ModelState& state, HookRecord& record, const torch::Tensor& tensor, bool in_forward) {
+OutputMap::Series& series_of(ModelState& state, HookRecord& record) {
   if (record.series == nullptr) record.series = &state.outputs.series(record.function.module_name(), record.type);
+  return *record.series;
+}
+
+void capture(ModelState& state, OutputMap::Series& series, const torch::Tensor& tensor, bool in_forward) {
   if (in_forward) {
     if (can_copy_into_arena(tensor)) {
-      state.pending.push_back(OutputMap::Capture{record.series, state.arena.copy(tensor), {}});
+      state.pending.push_back(OutputMap::Capture{&series, state.arena.copy(tensor), {}});
     } else {
-      state.pending.push_back(OutputMap::Capture{record.series, {}, snapshot_copy(tensor)});
+      state.pending.push_back(OutputMap::Capture{&series, {}, snapshot_copy(tensor)});
     }
   } else {
-    state.outputs.append(*record.series, snapshot_copy(tensor));
+    state.outputs.append(series, snapshot_copy(tensor));
   }
 }
 
@@ -253,7 +278,7 @@ Route route_of(const HookRecord& record, const torch::Tensor& local, const dist:
 void apply_hook_locally(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
                         bool in_forward) {
   check_expected_shape(record, tensor);
-  if (record.function.capture()) capture(state, record, tensor, in_forward);
+  if (record.function.capture()) capture(state, series_of(state, record), tensor, in_forward);
   if (record.function.editing_function()) tensor = run_editing_function(state, record, tensor, step);
 }
 
@@ -275,7 +300,7 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
   if (mesh.stage_leader()) {
     try {
       check_expected_shape(record, full);
-      if (record.function.capture()) capture(state, record, full, in_forward);
+      if (record.function.capture()) capture(state, series_of(state, record), full, in_forward);
       if (editing) edited = run_editing_function(state, record, full, step);
     } catch (const std::exception& error) {
       // The other ranks wait in the scatter of an edit, or in a later collective.
@@ -320,24 +345,21 @@ void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, st
   }
 }
 
-torch::Tensor& leaf_at(const HookRecord& record, TensorLeaves& leaves) {
+[[noreturn]] void fail_unpack(const HookRecord& record, const TensorLeaves& leaves) {
   const std::size_t index = record.function.unpack_idx();
-  FLEXMODEL_CHECK(index < leaves.size() && leaves[index]->defined(), ShapeError, hook_label(record),
-                  " has unpack_idx ", index, " but the module's ",
-                  record.type == HookType::forward_pre || record.type == HookType::full_backward ? "input" : "output",
-                  " has ", leaves.size(), " tensor(s)", index < leaves.size() ? " and that one is undefined" : "",
-                  "; choose an index below ", leaves.size());
-  return *leaves[index];
+  FLEXMODEL_FAIL(ShapeError, hook_label(record), " has unpack_idx ", index, " but the module's ",
+                 record.type == HookType::forward_pre || record.type == HookType::full_backward ? "input" : "output",
+                 " has ", leaves.size(), " tensor(s)", index < leaves.size() ? " and that one is undefined" : "",
+                 "; choose an index below ", leaves.size());
 }
 
 // Gradient hooks: a fresh alias of the tensor gets an autograd hook, so the hook
 // sees only the gradient that flows through this module's input or output.
-void attach_gradient_hook(const std::shared_ptr<HookRecord>& record, torch::Tensor& tensor, std::int64_t step) {
+void attach_gradient_hook(HookRecord& record, torch::Tensor& tensor, std::int64_t step) {
   if (!torch::GradMode::is_enabled() || !tensor.requires_grad()) return;
-  record->fired = true;
+  record.fired = true;
   tensor = tensor.view_as(tensor);
-  std::weak_ptr<HookRecord> weak = record;
-  tensor.register_hook([weak, step](const torch::Tensor& grad) -> torch::Tensor {
+  tensor.register_hook([weak = record.weak_from_this(), step](const torch::Tensor& grad) -> torch::Tensor {
     auto alive = weak.lock();
     if (!alive || alive->state == nullptr || !grad.defined()) return grad;
     torch::Tensor edited = grad;
@@ -348,9 +370,10 @@ void attach_gradient_hook(const std::shared_ptr<HookRecord>& record, torch::Tens
 
 // Calls `apply` on the leaf the hook's unpack_idx names, or on every defined leaf.
 template <class Apply>
-void for_each_chosen_leaf(const HookRecord& record, TensorLeaves& leaves, Apply&& apply) {
-  if (record.function.unpack_idx() != HookFunction::kAllLeaves) {
-    apply(leaf_at(record, leaves));
+void for_each_chosen_leaf(const ActiveHook& hook, TensorLeaves& leaves, Apply&& apply) {
+  if (hook.unpack_idx != HookFunction::kAllLeaves) {
+    if (hook.unpack_idx >= leaves.size() || !leaves[hook.unpack_idx]->defined()) fail_unpack(*hook.record, leaves);
+    apply(*leaves[hook.unpack_idx]);
     return;
   }
   for (torch::Tensor* leaf : leaves) {
@@ -358,16 +381,26 @@ void for_each_chosen_leaf(const HookRecord& record, TensorLeaves& leaves, Apply&
   }
 }
 
-void run_hooks(ModelState& state, Site& site, HookType value_type, HookType gradient_type, TensorLeaves& leaves) {
-  for (const auto& record : site.of(value_type)) {
-    if (!record->active) continue;
-    for_each_chosen_leaf(*record, leaves, [&](torch::Tensor& leaf) {
-      apply_hook(state, *record, leaf, state.step, /*in_forward=*/true);
-    });
+// Runs a site's value hooks of phase `values`, then attaches its gradient hooks
+// of the phase after it.
+void run_hooks(ModelState& state, const ActiveSite& site, Phase values, TensorLeaves& leaves) {
+  const ActiveHook* hooks = state.active_hooks;
+  for (std::uint32_t i = site.bounds[values]; i < site.bounds[values + 1]; ++i) {
+    const ActiveHook& hook = hooks[i];
+    if (hook.plain_capture) {
+      // Only the check for hooks that never fire reads `fired`.
+      if (state.check_unfired) hook.record->fired = true;
+      for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf) { capture(state, *hook.series, leaf, true); });
+    } else {
+      for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf) {
+        apply_hook(state, *hook.record, leaf, state.step, /*in_forward=*/true);
+      });
+    }
   }
-  for (const auto& record : site.of(gradient_type)) {
-    if (!record->active) continue;
-    for_each_chosen_leaf(*record, leaves, [&](torch::Tensor& leaf) { attach_gradient_hook(record, leaf, state.step); });
+  for (std::uint32_t i = site.bounds[values + 1]; i < site.bounds[values + 2]; ++i) {
+    const ActiveHook& hook = hooks[i];
+    for_each_chosen_leaf(hook, leaves,
+                         [&](torch::Tensor& leaf) { attach_gradient_hook(*hook.record, leaf, state.step); });
   }
 }
 
@@ -388,27 +421,25 @@ std::size_t site_slot(const void* key, unsigned shift) noexcept {
   return static_cast<std::size_t>((reinterpret_cast<std::uintptr_t>(key) >> 4) * 0x9E3779B97F4A7C15ull >> shift);
 }
 
-Site* find_active_site(const void* module) noexcept {
-  ModelState* state = g_current_forward;
-  if (state == nullptr || state->site_table.empty()) return nullptr;
-  const auto& table = state->site_table;
-  const std::size_t mask = table.size() - 1;
-  for (std::size_t slot = site_slot(module, state->site_table_shift);; slot = (slot + 1) & mask) {
-    const auto& entry = table[slot];
-    if (entry.key == module) return entry.site->wants_inputs || entry.site->wants_outputs ? entry.site : nullptr;
+const ActiveSite* find_active_site(const void* module) noexcept {
+  const ModelState* state = g_current_forward;
+  if (state == nullptr) return nullptr;
+  for (std::size_t slot = site_slot(module, state->active_site_shift);; slot = (slot + 1) & state->active_site_mask) {
+    const ActiveSite& entry = state->active_sites[slot];
+    if (entry.key == module) return &entry;
     if (entry.key == nullptr) return nullptr;
   }
 }
 
-bool site_wants_inputs(const Site& site) noexcept { return site.wants_inputs; }
-bool site_wants_outputs(const Site& site) noexcept { return site.wants_outputs; }
+bool site_wants_inputs(const ActiveSite& site) noexcept { return site.has(kInputValues, kInputGradients); }
+bool site_wants_outputs(const ActiveSite& site) noexcept { return site.has(kOutputValues, kOutputGradients); }
 
-void run_input_hooks(Site& site, TensorLeaves& leaves) {
-  run_hooks(*g_current_forward, site, HookType::forward_pre, HookType::full_backward, leaves);
+void run_input_hooks(const ActiveSite& site, TensorLeaves& leaves) {
+  run_hooks(*g_current_forward, site, kInputValues, leaves);
 }
 
-void run_output_hooks(Site& site, TensorLeaves& leaves) {
-  run_hooks(*g_current_forward, site, HookType::forward, HookType::full_backward_pre, leaves);
+void run_output_hooks(const ActiveSite& site, TensorLeaves& leaves) {
+  run_hooks(*g_current_forward, site, kOutputValues, leaves);
 }
 
 }  // namespace detail
@@ -416,6 +447,8 @@ void run_output_hooks(Site& site, TensorLeaves& leaves) {
 using detail::HookRecord;
 using detail::ModelState;
 using detail::Site;
+using detail::ActiveHook;
+using detail::ActiveSite;
 
 // ---- construction and registration --------------------------------------
 
@@ -803,37 +836,42 @@ torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const
 
 namespace {
 
-void build_site_table(ModelState& state) {
-  state.site_table.clear();
-  if (state.sites.empty()) return;
-  unsigned bits = 1;
-  while ((std::size_t{1} << bits) < 2 * state.sites.size()) ++bits;
-  state.site_table.resize(std::size_t{1} << bits);
-  state.site_table_shift = 64 - bits;
-  const std::size_t mask = state.site_table.size() - 1;
-  for (auto& [key, site] : state.sites) {
-    std::size_t slot = detail::site_slot(key, state.site_table_shift);
-    while (state.site_table[slot].key != nullptr) slot = (slot + 1) & mask;
-    state.site_table[slot] = ModelState::SiteSlot{key, &site};
-  }
+ActiveHook active_hook(ModelState& state, HookRecord& record) {
+  const HookFunction& function = record.function;
+  const bool plain_capture = function.capture() && !function.editing_function() &&
+                             function.expected_shape().empty() && !state.distributed();
+  return ActiveHook{&record, plain_capture ? &detail::series_of(state, record) : nullptr, function.unpack_idx(),
+                    plain_capture};
 }
 
-ModelState::Selection compute_selection(const ModelState& state, const Groups& groups) {
+ModelState::Selection compute_selection(ModelState& state, const Groups& groups) {
   ModelState::Selection selection;
   for (const HookRecord* record : state.records) {
     const bool chosen = std::any_of(groups.names.begin(), groups.names.end(),
                                     [&](const std::string& name) { return record->groups.count(name) != 0; });
     selection.hook_active.push_back(chosen != groups.complemented);
   }
-  for (const Site* site : state.site_list) {
-    auto any_active = [&](HookType type) {
-      const auto& list = site->hooks[static_cast<std::size_t>(type)];
-      return std::any_of(list.begin(), list.end(),
-                         [&](const auto& record) { return selection.hook_active[record->index] != 0; });
-    };
-    selection.site_inputs.push_back(any_active(HookType::forward_pre) || any_active(HookType::full_backward));
-    selection.site_outputs.push_back(any_active(HookType::forward) || any_active(HookType::full_backward_pre));
-    selection.any_active_site = selection.any_active_site || selection.site_inputs.back() || selection.site_outputs.back();
+  std::vector<ActiveSite> active_sites;
+  for (auto& [key, site] : state.sites) {
+    ActiveSite entry{key, {}};
+    for (std::size_t phase = 0; phase < detail::kModuleHookTypes; ++phase) {
+      entry.bounds[phase] = static_cast<std::uint32_t>(selection.hooks.size());
+      for (const auto& record : site.of(detail::kPhaseType[phase])) {
+        if (selection.hook_active[record->index] != 0) selection.hooks.push_back(active_hook(state, *record));
+      }
+    }
+    entry.bounds[detail::kModuleHookTypes] = static_cast<std::uint32_t>(selection.hooks.size());
+    if (entry.bounds.front() != entry.bounds.back()) active_sites.push_back(entry);
+  }
+  unsigned bits = 1;
+  while ((std::size_t{1} << bits) < 2 * active_sites.size()) ++bits;
+  selection.site_table.resize(std::size_t{1} << bits);
+  selection.site_table_shift = 64 - bits;
+  const std::size_t mask = selection.site_table.size() - 1;
+  for (const ActiveSite& entry : active_sites) {
+    std::size_t slot = detail::site_slot(entry.key, selection.site_table_shift);
+    while (selection.site_table[slot].key != nullptr) slot = (slot + 1) & mask;
+    selection.site_table[slot] = entry;
   }
   return selection;
 }
@@ -850,12 +888,6 @@ void apply_selection(ModelState& state, const Groups& groups) {
       record->index = state.records.size();
       state.records.push_back(record.get());
     }
-    state.site_list.clear();
-    for (auto& [key, site] : state.sites) {
-      site.index = state.site_list.size();
-      state.site_list.push_back(&site);
-    }
-    build_site_table(state);
     state.applied = nullptr;
     state.selections_valid = true;
   }
@@ -865,11 +897,10 @@ void apply_selection(ModelState& state, const Groups& groups) {
   ModelState::Selection& selection = found->second;
   if (state.applied != &selection) {
     for (HookRecord* record : state.records) record->active = selection.hook_active[record->index] != 0;
-    for (Site* site : state.site_list) {
-      site->wants_inputs = selection.site_inputs[site->index] != 0;
-      site->wants_outputs = selection.site_outputs[site->index] != 0;
-    }
-    state.any_active_site = selection.any_active_site;
+    state.active_sites = selection.site_table.data();
+    state.active_site_mask = selection.site_table.size() - 1;
+    state.active_site_shift = selection.site_table_shift;
+    state.active_hooks = selection.hooks.data();
     state.applied = &selection;
   }
   if (!selection.checked_unfired) {
@@ -983,7 +1014,7 @@ FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& gr
   apply_selection(state_, groups);
   state_.in_forward = true;
   state_.pending.clear();
-  if (state_.any_active_site) {
+  if (!state_.applied->hooks.empty()) {
     previous_ = detail::g_current_forward;
     detail::g_current_forward = &state_;
     detail::hooked_forwards_in_flight.fetch_add(1, std::memory_order_relaxed);

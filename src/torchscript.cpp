@@ -84,7 +84,7 @@ void run_hook_operator(jit::Stack& stack) {
   const auto id = static_cast<std::intptr_t>(jit::pop(stack).toInt());
   const bool inputs = (id & 1) != 0;
   const void* key = reinterpret_cast<const void*>(id & ~std::intptr_t{1});
-  Site* site = find_active_site(key);
+  const ActiveSite* site = find_active_site(key);
   if (site == nullptr || !(inputs ? site_wants_inputs(*site) : site_wants_outputs(*site))) return;
   try {
     auto run = [&](TensorLeaves& leaves) { inputs ? run_input_hooks(*site, leaves) : run_output_hooks(*site, leaves); };
@@ -356,7 +356,7 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
     if (scope.splits_batch()) {
       detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { scope.take_batch_shard(leaves); });
     }
-    detail::Site* root = scope.root_site();
+    const detail::ActiveSite* root = scope.root_site();
     if (root != nullptr && detail::site_wants_inputs(*root)) {
       detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { detail::run_input_hooks(*root, leaves); });
     }

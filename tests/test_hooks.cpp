@@ -270,11 +270,13 @@ TEST_F(HookTest, HookOnAModuleCalledAroundTheLibraryIsReported) {
   {
     FlexModel fm(net);
     fm.register_forward_hook(HookFunction("bypassed"));
+    fm.register_forward_hook(HookFunction("fc1"));
     fm.forward(x);
     fm.forward(x);
   }
   set_logger(previous);
   const std::string text = log.str();
+  EXPECT_EQ(text.find("'fc1'"), std::string::npos) << "a hook that fired was reported: " << text;
   EXPECT_NE(text.find("hook on 'bypassed' (forward) did not fire"), std::string::npos) << text;
   EXPECT_EQ(text.find("did not fire", text.find("did not fire") + 1), std::string::npos) << "warned twice: " << text;
 }

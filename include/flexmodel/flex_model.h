@@ -192,13 +192,13 @@ class FlexModelBase {
     void take_batch_shard(detail::TensorLeaves& inputs) const;
     void gather_batch(detail::TensorLeaves& outputs) const;
     // The root module's site when it has active hooks, else nullptr.
-    detail::Site* root_site() const { return root_site_; }
+    const detail::ActiveSite* root_site() const { return root_site_; }
 
    private:
     detail::ModelState& state_;
     std::int64_t batch_rows_ = -1;
     detail::ModelState* previous_ = nullptr;
-    detail::Site* root_site_ = nullptr;
+    const detail::ActiveSite* root_site_ = nullptr;
     bool counted_ = false;
     bool committed_ = false;
   };

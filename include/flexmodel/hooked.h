@@ -20,18 +20,18 @@
 namespace flexmodel {
 namespace detail {
 
-struct Site;
+struct ActiveSite;
 
 // Number of FlexModel forwards with module hooks running in this process.
 extern std::atomic<int> hooked_forwards_in_flight;
 
 // The site of `module` (a native module, or a TorchScript module object) in
 // the forward running on this thread when it has active hooks, else nullptr.
-Site* find_active_site(const void* module) noexcept;
-bool site_wants_inputs(const Site& site) noexcept;
-bool site_wants_outputs(const Site& site) noexcept;
-void run_input_hooks(Site& site, TensorLeaves& leaves);
-void run_output_hooks(Site& site, TensorLeaves& leaves);
+const ActiveSite* find_active_site(const void* module) noexcept;
+bool site_wants_inputs(const ActiveSite& site) noexcept;
+bool site_wants_outputs(const ActiveSite& site) noexcept;
+void run_input_hooks(const ActiveSite& site, TensorLeaves& leaves);
+void run_output_hooks(const ActiveSite& site, TensorLeaves& leaves);
 
 // Records that calls to `module` go through the library, so hooks on it can fire.
 void mark_hookable(const std::shared_ptr<torch::nn::Module>& module);
@@ -39,7 +39,7 @@ bool is_hookable(const torch::nn::Module* module);
 
 // Runs `forward(args...)` between the site's input hooks and output hooks.
 template <class Forward, class... Args>
-std::invoke_result_t<Forward&, Args...> invoke_with_hooks(Site& site, Forward& forward, Args&&... args) {
+std::invoke_result_t<Forward&, Args...> invoke_with_hooks(const ActiveSite& site, Forward& forward, Args&&... args) {
   using Result = std::invoke_result_t<Forward&, Args...>;
   static_assert(!std::is_reference_v<Result>, "a hooked module's forward() must return by value");
   Result output = [&]() -> Result {
@@ -65,7 +65,7 @@ std::invoke_result_t<Forward&, Args...> dispatch(const torch::nn::Module* module
   if (hooked_forwards_in_flight.load(std::memory_order_relaxed) == 0) [[likely]] {
     return forward(std::forward<Args>(args)...);
   }
-  if (Site* site = find_active_site(module)) return invoke_with_hooks(*site, forward, std::forward<Args>(args)...);
+  if (const ActiveSite* site = find_active_site(module)) return invoke_with_hooks(*site, forward, std::forward<Args>(args)...);
   return forward(std::forward<Args>(args)...);
 }
 
