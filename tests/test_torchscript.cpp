@@ -171,18 +171,26 @@ TEST_P(TorchScriptTest, EditsAreTransparentToAutograd) {
   // Same value, twice the gradient: everything inside layers.0.mlp gets exactly 2×.
   fm.register_forward_hook(
       HookFunction("layers.0.mlp", {}, [](const torch::Tensor& x) { return x * 2 - x.detach(); }).capture(false));
-  // Backward pre-hook on layers.2.mlp: the gradient of its output, checked against autograd.
+  // Backward hooks on layers.2.mlp: the gradients of its output and of its input
+  // (ln_2's output, which only the MLP reads), checked against autograd.
   fm.register_full_backward_pre_hook(HookFunction("layers.2.mlp"));
+  fm.register_full_backward_hook(HookFunction("layers.2.mlp"));
   fm.register_forward_hook(HookFunction("layers.2.mlp", {}, [](const torch::Tensor& x, HookContext& ctx) {
                              ctx.save_ctx.set("mlp2", x);
                            }).capture(false));
+  fm.register_forward_pre_hook(HookFunction("layers.2.mlp", {}, [](const torch::Tensor& x, HookContext& ctx) {
+                                 ctx.save_ctx.set("mlp2_input", x);
+                               }).capture(false));
   auto logits = fm.forward({reference.tokens}).toTensor();
   auto loss = logits.pow(2).sum();
-  auto expected_grad = torch::autograd::grad({loss}, {fm.save_ctx().get<torch::Tensor>("mlp2")}, {}, true)[0];
+  auto expected = torch::autograd::grad(
+      {loss}, {fm.save_ctx().get<torch::Tensor>("mlp2"), fm.save_ctx().get<torch::Tensor>("mlp2_input")}, {}, true);
   loss.backward();
   EXPECT_TRUE(torch::allclose(logits, reference.tensors.at("logits"), 0, 1e-6));
   EXPECT_TRUE(torch::allclose(bias().grad(), plain_grad * 2, 1e-5, 1e-6));
-  EXPECT_TRUE(torch::allclose(fm.outputs().at("layers.2.mlp", HookType::full_backward_pre)[0], expected_grad, 1e-5,
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("layers.2.mlp", HookType::full_backward_pre)[0], expected[0], 1e-5,
+                              1e-7));
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("layers.2.mlp", HookType::full_backward)[0], expected[1], 1e-5,
                               1e-7));
 }
 
