@@ -35,8 +35,9 @@ struct HookRecord : std::enable_shared_from_this<HookRecord> {
   OutputMap::Series* series = nullptr;
   torch::Tensor parameter;
   unsigned parameter_hook_index = 0;
-  std::size_t index = 0;  // position in ModelState::records
-  bool active = true;
+  // Position in ModelState::records; hooks registered since the last forward have none yet.
+  static constexpr std::size_t kUnindexed = static_cast<std::size_t>(-1);
+  std::size_t index = kUnindexed;
   bool fired = false;
   bool warned_unfired = false;
   bool remote = false;  // its module lives on another pipeline stage
@@ -110,6 +111,11 @@ struct ModelState {
   std::map<std::pair<std::vector<std::string>, bool>, Selection> selections;
   std::vector<HookRecord*> records;
   const Selection* applied = nullptr;
+  // Whether the applied selection runs a hook; one registered since then runs
+  // until the next forward chooses.
+  bool is_active(const HookRecord& record) const {
+    return record.index == HookRecord::kUnindexed || applied->hook_active[record.index] != 0;
+  }
   bool selections_valid = false;
   // The applied selection's tables, read by every hookable call of a forward.
   const ActiveSite* active_sites = nullptr;
@@ -555,7 +561,7 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
     std::weak_ptr<HookRecord> weak = record;
     record->parameter_hook_index = record->parameter.register_hook([weak](const torch::Tensor& grad) -> torch::Tensor {
       auto alive = weak.lock();
-      if (!alive || alive->state == nullptr || !alive->active || !grad.defined()) return grad;
+      if (!alive || alive->state == nullptr || !alive->state->is_active(*alive) || !grad.defined()) return grad;
       torch::Tensor edited = grad;
       detail::apply_hook(*alive->state, *alive, edited, alive->state->step - 1, /*in_forward=*/false);
       return edited;
@@ -896,7 +902,6 @@ void apply_selection(ModelState& state, const Groups& groups) {
   if (found == state.selections.end()) found = state.selections.emplace(key, compute_selection(state, groups)).first;
   ModelState::Selection& selection = found->second;
   if (state.applied != &selection) {
-    for (HookRecord* record : state.records) record->active = selection.hook_active[record->index] != 0;
     state.active_sites = selection.site_table.data();
     state.active_site_mask = selection.site_table.size() - 1;
     state.active_site_shift = selection.site_table_shift;
@@ -913,7 +918,7 @@ void apply_selection(ModelState& state, const Groups& groups) {
 // (impl->forward(x) instead of a hookable holder); say so once.
 void warn_unfired(ModelState& state) {
   for (auto& [id, record] : state.hooks) {
-    if (record->type == HookType::tensor || record->remote || !record->active || record->fired ||
+    if (record->type == HookType::tensor || record->remote || !state.is_active(*record) || record->fired ||
         record->warned_unfired) {
       continue;
     }

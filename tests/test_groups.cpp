@@ -110,6 +110,27 @@ TEST_F(GroupTest, AGroupDisabledInOneForwardRunsAgainInTheNext) {
   EXPECT_EQ(fm->hooks(), hooks_before);  // switching groups re-registers nothing
 }
 
+TEST(ParameterHookGroups, AParameterGradientHookRunsInTheBackwardOfAForwardThatChoseIt) {
+  torch::manual_seed(0);
+  models::GPT gpt(models::GPTOptions().n_layers(2));
+  FlexModel<models::GPTImpl> fm(gpt);
+  auto tokens = torch::randint(0, 256, {2, 6});
+  fm.update_hook_groups(fm.register_hook(HookFunction("norm.weight")), "grads");
+  fm.create_hook_group("acts", "norm");
+  fm.forward(Groups{"acts"}, tokens).sum().backward();
+  EXPECT_FALSE(fm.outputs().contains("norm.weight", HookType::tensor));
+  fm.forward(Groups{"grads"}, tokens).sum().backward();
+  EXPECT_EQ(fm.outputs().at("norm.weight", HookType::tensor).size(), 1u);
+  // One registered after the forward, before its backward, runs in that backward.
+  fm.forward(Groups{"acts"}, tokens).sum().backward();
+  EXPECT_EQ(fm.outputs().at("norm.weight", HookType::tensor).size(), 1u);
+  auto output = fm.forward(Groups{"acts"}, tokens);
+  fm.register_hook(HookFunction("norm.bias"));
+  output.sum().backward();
+  EXPECT_EQ(fm.outputs().at("norm.bias", HookType::tensor).size(), 1u);
+  EXPECT_EQ(fm.outputs().at("norm.weight", HookType::tensor).size(), 1u);
+}
+
 TEST_F(GroupTest, RemovingAGroupByAPatternThatAlsoMatchesNonMembers) {
   auto members = fm->create_hook_group("g", "layers.0.*");
   fm->create_hook_group("other", "layers.1.*");
