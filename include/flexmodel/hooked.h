@@ -65,7 +65,9 @@ std::invoke_result_t<Forward&, Args...> dispatch(const torch::nn::Module* module
   if (hooked_forwards_in_flight.load(std::memory_order_relaxed) == 0) [[likely]] {
     return forward(std::forward<Args>(args)...);
   }
-  if (const ActiveSite* site = find_active_site(module)) return invoke_with_hooks(*site, forward, std::forward<Args>(args)...);
+  if (const ActiveSite* site = find_active_site(module)) {
+    return invoke_with_hooks(*site, forward, std::forward<Args>(args)...);
+  }
   return forward(std::forward<Args>(args)...);
 }
 
