@@ -62,13 +62,13 @@ enum Phase : std::size_t { kInputValues, kInputGradients, kOutputValues, kOutput
 constexpr std::array<HookType, kModuleHookTypes> kPhaseType{HookType::forward_pre, HookType::full_backward,
                                                             HookType::forward, HookType::full_backward_pre};
 
-// One active hook as a hooked call reads it. A plain capture (capture only: no
-// expected shape, no edit, one process) runs from this entry alone.
+// One active hook as a hooked call reads it.
 struct ActiveHook {
   HookRecord* record = nullptr;
-  OutputMap::Series* series = nullptr;
+  // Set only for a plain capture (capture only: no expected shape, no edit, one
+  // process), which runs from this entry alone.
+  OutputMap::Series* plain_capture_series = nullptr;
   std::size_t unpack_idx = 0;
-  bool plain_capture = false;
 };
 
 // A module with active hooks in the running forward's selection, as a slot of
@@ -393,10 +393,11 @@ void run_hooks(ModelState& state, const ActiveSite& site, Phase values, TensorLe
   const ActiveHook* hooks = state.active_hooks;
   for (std::uint32_t i = site.bounds[values]; i < site.bounds[values + 1]; ++i) {
     const ActiveHook& hook = hooks[i];
-    if (hook.plain_capture) {
+    if (hook.plain_capture_series != nullptr) {
       // Only the check for hooks that never fire reads `fired`.
       if (state.check_unfired) hook.record->fired = true;
-      for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf) { capture(state, *hook.series, leaf, true); });
+      for_each_chosen_leaf(hook, leaves,
+                           [&](torch::Tensor& leaf) { capture(state, *hook.plain_capture_series, leaf, true); });
     } else {
       for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf) {
         apply_hook(state, *hook.record, leaf, state.step, /*in_forward=*/true);
@@ -846,8 +847,7 @@ ActiveHook active_hook(ModelState& state, HookRecord& record) {
   const HookFunction& function = record.function;
   const bool plain_capture = function.capture() && !function.editing_function() &&
                              function.expected_shape().empty() && !state.distributed();
-  return ActiveHook{&record, plain_capture ? &detail::series_of(state, record) : nullptr, function.unpack_idx(),
-                    plain_capture};
+  return ActiveHook{&record, plain_capture ? &detail::series_of(state, record) : nullptr, function.unpack_idx()};
 }
 
 ModelState::Selection compute_selection(ModelState& state, const Groups& groups) {
