@@ -5,8 +5,9 @@
 #include <cstring>
 #include <fstream>
 #include <map>
-#include <regex>
 #include <mutex>
+#include <regex>
+#include <sstream>
 #include <unordered_map>
 
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -30,6 +31,24 @@ std::atomic<int> g_message_rank{0};
 }
 int message_rank() noexcept { return g_message_rank.load(std::memory_order_relaxed); }
 void set_message_rank(int rank) noexcept { g_message_rank.store(rank, std::memory_order_relaxed); }
+
+std::string error_reason(const std::exception& error) {
+  const auto* torch_error = dynamic_cast<const c10::Error*>(&error);
+  std::string text = torch_error != nullptr ? torch_error->what_without_backtrace() : error.what();
+  // The interpreter's message is a preamble, the TorchScript traceback, then
+  // "RuntimeError: <the reason>" (or another Python exception's name).
+  if (text.find("The following operation failed in the TorchScript interpreter") != std::string::npos) {
+    static const std::regex kRaised(R"(^\s*[A-Za-z_.]*(Error|Exception): (.*)$)");
+    std::istringstream lines(text);
+    std::string reason;
+    std::smatch match;
+    for (std::string line; std::getline(lines, line);) {
+      if (std::regex_match(line, match, kRaised)) reason = match[2];
+    }
+    if (!reason.empty()) return reason;
+  }
+  return text.substr(0, text.find('\n'));
+}
 }  // namespace detail
 
 std::string_view to_string(HookType type) noexcept {
@@ -123,10 +142,21 @@ bool glob_matches(const std::vector<std::string_view>& pattern, std::size_t p,
 }  // namespace
 
 bool Pattern::matches(std::string_view name) const {
+  // The name files and tools give the root module.
+  if (text_ == kRootName) return name.empty();
   switch (kind_) {
     case Kind::exact: return name == text_;
     case Kind::substring: return name.find(text_) != std::string_view::npos;
     case Kind::glob: return glob_matches(split_dots(text_), 0, split_dots(name), 0);
+  }
+  return false;
+}
+
+bool Pattern::is_wildcard() const {
+  switch (kind_) {
+    case Kind::exact: return false;
+    case Kind::substring: return true;
+    case Kind::glob: return text_.find_first_of("*?") != std::string::npos;
   }
   return false;
 }

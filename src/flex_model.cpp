@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <numeric>
 
 #include <torch/autograd.h>
@@ -39,10 +40,19 @@ struct HookRecord : std::enable_shared_from_this<HookRecord> {
   static constexpr std::size_t kUnindexed = static_cast<std::size_t>(-1);
   std::size_t index = kUnindexed;
   bool fired = false;
+  // Data parallelism: what this hook's tensor is, firing by firing within a
+  // forward, found from the calibration forward (see DataParallelRows).
+  std::vector<std::vector<std::int64_t>> calibration_shapes;
+  std::vector<char> split_rows;  // per firing: 1 split by rows over dp ranks, 0 the same on every rank
+  bool calibrated = false;
+  std::int64_t firing_step = -1;
+  std::size_t firings = 0;
   bool warned_unfired = false;
   bool remote = false;  // its module lives on another pipeline stage
 
-  HookHandle handle() const { return HookHandle{id, function.module_name(), type}; }
+  std::uint64_t model = 0;  // ModelState::model_id of its FlexModel
+
+  HookHandle handle() const { return HookHandle{model, id, function.module_name(), type}; }
 };
 
 struct Site {
@@ -86,8 +96,15 @@ struct ModelState {
   std::map<std::uint64_t, std::shared_ptr<HookRecord>> hooks;
   std::unordered_map<const void*, Site> sites;
   std::set<std::string> groups{kAllGroup};
+  // Unique to this FlexModel in the process; part of every handle.
+  const std::uint64_t model_id = next_model_id();
   std::uint64_t next_id = 1;
+  static std::uint64_t next_model_id() {
+    static std::atomic<std::uint64_t> counter{0};
+    return ++counter;
+  }
 
+  ModelAdapter* adapter = nullptr;  // the FlexModel's, for messages
   std::shared_ptr<dist::Mesh> mesh;  // null in a single process
   std::vector<std::shared_ptr<Sink>> sinks;
   bool keep_outputs = true;
@@ -125,9 +142,24 @@ struct ModelState {
   bool check_unfired = false;
 
   bool in_forward = false;
+  // Data parallelism: the calibration forward (one more row than the real
+  // one) runs with hooks that only note the shapes they see.
+  bool calibrating = false;
+  std::int64_t local_rows = 0;
+  std::vector<std::vector<std::int64_t>> output_calibration_shapes;
+  std::vector<char> output_split_rows;
+  bool outputs_calibrated = false;
   SnapshotArena arena;
   std::vector<OutputMap::Capture> pending;
 };
+
+namespace {
+thread_local const torch::nn::Module* g_failing_module = nullptr;
+}  // namespace
+
+void note_failing_module(const torch::nn::Module* module) noexcept {
+  if (g_failing_module == nullptr) g_failing_module = module;
+}
 
 namespace {
 
@@ -221,6 +253,21 @@ void capture(ModelState& state, OutputMap::Series& series, const torch::Tensor& 
   }
 }
 
+// A library error raised inside an editing function (save_ctx has no value,
+// say), as the same error type with the hook's name in front.
+[[noreturn]] void rethrow_naming_hook(const HookRecord& record, const Error& error) {
+  constexpr std::string_view kPrefix = "flexmodel: ";
+  std::string_view body = error.what();
+  if (body.substr(0, kPrefix.size()) == kPrefix) body.remove_prefix(kPrefix.size());
+  const std::string text = concat(kPrefix, "in the editing function of ", hook_label(record), ": ", body);
+  if (dynamic_cast<const ConfigError*>(&error) != nullptr) throw ConfigError(text);
+  if (dynamic_cast<const ShapeError*>(&error) != nullptr) throw ShapeError(text);
+  if (dynamic_cast<const HookError*>(&error) != nullptr) throw HookError(text);
+  if (dynamic_cast<const DistributedError*>(&error) != nullptr) throw DistributedError(text);
+  if (dynamic_cast<const IOError*>(&error) != nullptr) throw IOError(text);
+  throw Error(text);
+}
+
 torch::Tensor run_editing_function(ModelState& state, HookRecord& record, const torch::Tensor& tensor,
                                    std::int64_t step) {
   torch::nn::Module* module = record.site != nullptr ? record.site->module : nullptr;
@@ -231,8 +278,8 @@ torch::Tensor run_editing_function(ModelState& state, HookRecord& record, const 
     NoHooksWhileEditing no_nested_hooks;
     try {
       edited = record.function.editing_function()(tensor, context);
-    } catch (const Error&) {
-      throw;
+    } catch (const Error& error) {
+      rethrow_naming_hook(record, error);
     } catch (const std::exception& cause) {
       FLEXMODEL_FAIL(HookError, "editing function of ", hook_label(record), " threw: ", cause.what());
     }
@@ -253,9 +300,75 @@ struct Route {
   bool gather_dp = false;
 };
 
-Route route_of(const HookRecord& record, const torch::Tensor& local, const dist::Mesh& mesh) {
+// Under data parallelism, whether a tensor is split by rows over the dp ranks
+// or the same on every one (a position embedding of arange(T)[None], a rotary
+// table, a tied weight) is read off its shapes, never guessed from one size:
+// the first forward after hooks change is preceded by a calibration forward
+// with one more row per rank, and a tensor whose dim 0 grows in proportion
+// (its other dims unchanged) has rows, one whose shape stays put has none.
+// Anything else is an error naming the hook, as is a tensor without rows
+// whose values differ across ranks (it depends on the batch).
+bool rows_split(std::size_t rows, const std::vector<std::int64_t>& calibration, const torch::Tensor& real,
+                const std::string& what) {
+  const auto sizes = real.sizes();
+  if (sizes.equals(calibration)) return false;
+  bool split = !calibration.empty() && calibration.size() == sizes.size() &&
+               calibration[0] * static_cast<std::int64_t>(rows) == sizes[0] * static_cast<std::int64_t>(rows + 1);
+  for (std::size_t d = 1; split && d < sizes.size(); ++d) split = calibration[d] == sizes[d];
+  FLEXMODEL_CHECK(split, ShapeError, what, " has shape ", sizes, " with ", rows, " row(s) per data-parallel rank and ",
+                  c10::IntArrayRef(calibration), " with ", rows + 1,
+                  ": it changes with the batch but not as rows in dim 0, so data parallelism cannot split it; "
+                  "hook another module, or run with dp 1");
+  return true;
+}
+
+bool dp_splits_rows(ModelState& state, HookRecord& record, const torch::Tensor& local) {
+  if (record.type != HookType::forward && record.type != HookType::forward_pre) return local.dim() > 0;
+  if (record.firing_step != state.step) {
+    record.firing_step = state.step;
+    record.firings = 0;
+  }
+  const std::size_t firing = record.firings++;
+  if (firing < record.split_rows.size()) return record.split_rows[firing] != 0;
+  FLEXMODEL_CHECK(firing < record.calibration_shapes.size(), ShapeError, hook_label(record), " fired ", firing + 1,
+                  " times in this forward but ", record.calibration_shapes.size(),
+                  " times in the calibration forward that tells data parallelism which tensors have rows; "
+                  "a hook must fire equally often whatever the batch size under dp");
+  record.split_rows.push_back(
+      rows_split(static_cast<std::size_t>(state.local_rows), record.calibration_shapes[firing], local,
+                 hook_label(record)) ? 1 : 0);
+  return record.split_rows.back() != 0;
+}
+
+// FNV-1a over 8-byte words: equal on two ranks exactly when their bytes are, but for collisions.
+std::uint64_t content_hash(const torch::Tensor& tensor) {
+  const torch::Tensor bytes = tensor.detach().cpu().contiguous();
+  const auto* data = static_cast<const unsigned char*>(bytes.data_ptr());
+  const std::size_t size = bytes.nbytes();
+  std::uint64_t hash = 1469598103934665603ull ^ size;
+  std::size_t i = 0;
+  for (; i + 8 <= size; i += 8) {
+    std::uint64_t word;
+    std::memcpy(&word, data + i, 8);
+    hash = (hash ^ word) * 1099511628211ull;
+  }
+  for (; i < size; ++i) hash = (hash ^ data[i]) * 1099511628211ull;
+  return hash;
+}
+
+// A tensor without rows is captured once; it must be the same on every dp rank.
+void check_same_on_dp_ranks(const dist::Mesh& mesh, const HookRecord& record, const torch::Tensor& tensor) {
+  const auto hashes = mesh.dp_group().all_gather_ints(static_cast<std::int64_t>(content_hash(tensor)));
+  if (std::all_of(hashes.begin(), hashes.end(), [&](std::int64_t hash) { return hash == hashes.front(); })) return;
+  dist::abort_world(concat("flexmodel: ", hook_label(record), ": its tensor ", tensor.sizes(),
+                           " has no rows (its shape does not change with the batch) but differs across "
+                           "data-parallel ranks, so it depends on the batch and no dp run can reproduce it; "
+                           "run with dp 1"));
+}
+
+Route route_of(const HookRecord& record, const torch::Tensor& local, const dist::Mesh& mesh, bool split_rows) {
   Route route;
-  route.gather_dp = mesh.shape().dp > 1 && record.type != HookType::tensor && local.dim() > 0;
+  route.gather_dp = mesh.shape().dp > 1 && split_rows && local.dim() > 0;
   const ExpectedShape& expected = record.function.expected_shape();
   if (expected.empty()) return route;
   FLEXMODEL_CHECK(static_cast<std::int64_t>(expected.size()) == local.dim(), ShapeError, hook_label(record),
@@ -294,8 +407,12 @@ void apply_hook_locally(ModelState& state, HookRecord& record, torch::Tensor& te
 void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
                             bool in_forward) {
   const dist::Mesh& mesh = *state.mesh;
-  const Route route = route_of(record, tensor, mesh);
+  const bool split_rows = mesh.shape().dp > 1 && record.type != HookType::tensor && dp_splits_rows(state, record, tensor);
+  const Route route = route_of(record, tensor, mesh, split_rows);
   const bool editing = static_cast<bool>(record.function.editing_function());
+  if (mesh.shape().dp > 1 && !split_rows && record.type != HookType::tensor) {
+    check_same_on_dp_ranks(mesh, record, tensor);
+  }
 
   torch::Tensor stage = route.tp_dim >= 0 ? mesh.tp_group().gather(tensor, route.tp_dim, 0) : tensor;
   torch::Tensor full = stage;
@@ -391,6 +508,15 @@ void for_each_chosen_leaf(const ActiveHook& hook, TensorLeaves& leaves, Apply&& 
 // of the phase after it.
 void run_hooks(ModelState& state, const ActiveSite& site, Phase values, TensorLeaves& leaves) {
   const ActiveHook* hooks = state.active_hooks;
+  if (state.calibrating) {
+    for (std::uint32_t i = site.bounds[values]; i < site.bounds[values + 1]; ++i) {
+      HookRecord& record = *hooks[i].record;
+      if (record.calibrated) continue;
+      for_each_chosen_leaf(hooks[i], leaves,
+                           [&](torch::Tensor& leaf) { record.calibration_shapes.push_back(leaf.sizes().vec()); });
+    }
+    return;
+  }
   for (std::uint32_t i = site.bounds[values]; i < site.bounds[values + 1]; ++i) {
     const ActiveHook& hook = hooks[i];
     if (hook.plain_capture_series != nullptr) {
@@ -466,6 +592,7 @@ FlexModelBase::FlexModelBase(std::shared_ptr<detail::ModelAdapter> adapter, Flex
   // Sizes (1, 1, 1) keep a FlexModel local to its process, even under mpirun.
   if (shape.size() != 1) state_->mesh = dist::Mesh::create(shape);
   state_->keep_outputs = options_.keep_outputs;
+  state_->adapter = adapter_.get();
 }
 
 void FlexModelBase::add_sink(std::shared_ptr<Sink> sink) {
@@ -527,11 +654,13 @@ const torch::Tensor* find_named(const detail::NamedTensors& tensors, const std::
 
 HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType type) {
   ModelState& state = *state_;
+  if (hook.module_name() == kRootName) hook = hook.with_module_name("");
   const std::string name = hook.module_name();
   FLEXMODEL_CHECK(!state.in_forward, ConfigError, "cannot register a hook on '", name,
                   "' while a forward runs; register before calling forward");
   auto record = std::make_shared<HookRecord>(std::move(hook));
   record->id = state.next_id;
+  record->model = state.model_id;
   record->type = type;
   record->groups = {kAllGroup};
   record->state = &state;
@@ -602,9 +731,11 @@ void detach_record(ModelState& state, HookRecord& record) {
 }
 
 HookRecord& find_record(ModelState& state, const HookHandle& handle) {
+  FLEXMODEL_CHECK(handle.model == state.model_id, ConfigError, "hook ", handle.id, " on '", handle.module_name, "' (",
+                  to_string(handle.type), ") belongs to another FlexModel; use the handles this FlexModel returned");
   auto found = state.hooks.find(handle.id);
   FLEXMODEL_CHECK(found != state.hooks.end(), ConfigError, "no hook ", handle.id, " on '", handle.module_name,
-                  "' (", to_string(handle.type), "): it was removed or belongs to another FlexModel");
+                  "' (", to_string(handle.type), "): it was removed");
   return *found->second;
 }
 
@@ -644,24 +775,38 @@ void FlexModelBase::announce_hook_points() {
 
 // ---- groups -------------------------------------------------------------
 
+HookPointSelection FlexModelBase::select_hook_points(const Pattern& pattern, HookType type) const {
+  HookPointSelection selection;
+  if (type == HookType::tensor) {
+    for (const auto& [name, parameter] : adapter_->named_parameters()) {
+      if (pattern.matches(name)) selection.names.push_back(name);
+    }
+    return selection;
+  }
+  for (const auto& name : adapter_->module_names()) {
+    if (!pattern.matches(name)) continue;
+    std::string reason = adapter_->unhookable_reason(name);
+    if (reason.empty()) {
+      selection.names.push_back(name);
+      continue;
+    }
+    // A module named exactly is meant; a wildcard means the hook points among its matches.
+    FLEXMODEL_CHECK(pattern.is_wildcard(), ConfigError, "module '", name, "' ", reason);
+    selection.skipped.emplace_back(name, std::move(reason));
+  }
+  return selection;
+}
+
 std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& group, const Pattern& pattern,
                                                          ExpectedShape expected_shape,
                                                          EditingFunction editing_function, std::size_t unpack_idx,
                                                          HookType type) {
   FLEXMODEL_CHECK(group != kAllGroup, ConfigError, "create_hook_group: group 'all' is reserved (every hook is in it)");
-  std::vector<std::string> matches;
-  std::vector<std::string> unhookable;
-  if (type == HookType::tensor) {
-    for (const auto& [name, parameter] : adapter_->named_parameters()) {
-      if (pattern.matches(name)) matches.push_back(name);
-    }
-  } else {
-    for (const auto& name : adapter_->module_names()) {
-      if (!pattern.matches(name)) continue;
-      matches.push_back(name);
-      if (!adapter_->unhookable_reason(name).empty()) unhookable.push_back(name);
-    }
+  HookPointSelection selection = select_hook_points(pattern, type);
+  for (const auto& [name, reason] : selection.skipped) {
+    logger()->info("create_hook_group('{}'): {} skips '{}', which {}", group, pattern.describe(), name, reason);
   }
+  std::vector<std::string>& matches = selection.names;
   if (state_->distributed() && state_->mesh->shape().pp > 1) {
     // Each stage matches its own modules; every rank registers the union, in stage order.
     std::string local_names;
@@ -685,11 +830,11 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
     }
   }
   FLEXMODEL_CHECK(!matches.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
-                  " matches no ", type == HookType::tensor ? "parameter" : "module", " of the model");
-  FLEXMODEL_CHECK(unhookable.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
-                  " matches modules whose hooks could never fire: ",
-                  detail::list_text({unhookable.begin(), unhookable.end()}), "; narrow the pattern (",
-                  adapter_->unhookable_reason(unhookable.empty() ? std::string() : unhookable.front()), ")");
+                  " matches no ", type == HookType::tensor ? "parameter" : "module", " of the model",
+                  selection.skipped.empty()
+                      ? std::string()
+                      : detail::concat(" whose hooks can fire (it skipped ", selection.skipped.size(),
+                                       ": containers or modules the forward never calls)"));
   std::vector<HookHandle> created;
   for (const auto& name : matches) {
     created.push_back(
@@ -772,6 +917,16 @@ std::vector<HookHandle> FlexModelBase::get_group_hook_functions(const std::strin
 
 std::set<std::string> FlexModelBase::hook_groups() const { return state_->groups; }
 
+std::vector<std::pair<HookHandle, std::string>> FlexModelBase::unfired_hooks() const {
+  std::vector<std::pair<HookHandle, std::string>> unfired;
+  for (const auto& [id, record] : state_->hooks) {
+    if (record->warned_unfired && !record->fired) {
+      unfired.emplace_back(record->handle(), adapter_->unfired_advice(record->function.module_name()));
+    }
+  }
+  return unfired;
+}
+
 std::vector<HookHandle> FlexModelBase::hooks() const {
   std::vector<HookHandle> handles;
   for (const auto& [id, record] : state_->hooks) handles.push_back(record->handle());
@@ -814,7 +969,7 @@ torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const
   const int owner_leader = static_cast<int>(owner_stage * mesh.shape().tp * mesh.shape().dp);
   torch::Tensor full;
   if (mesh.pp_rank() == owner_stage) {
-    const detail::Route route = detail::route_of(shape_check, *parameter, mesh);
+    const detail::Route route = detail::route_of(shape_check, *parameter, mesh, /*split_rows=*/false);
     full = route.tp_dim >= 0 ? mesh.tp_group().gather(parameter->detach(), route.tp_dim, 0) : parameter->detach();
     if (mesh.stage_leader()) detail::check_expected_shape(shape_check, full);
   }
@@ -914,8 +1069,8 @@ void apply_selection(ModelState& state, const Groups& groups) {
   }
 }
 
-// A hook that never fires is almost always a module called around the library
-// (impl->forward(x) instead of a hookable holder); say so once.
+// A hook that never fires is a module called around the library (native) or
+// on a branch that did not run (TorchScript); say so once.
 void warn_unfired(ModelState& state) {
   for (auto& [id, record] : state.hooks) {
     if (record->type == HookType::tensor || record->remote || !state.is_active(*record) || record->fired ||
@@ -923,10 +1078,8 @@ void warn_unfired(ModelState& state) {
       continue;
     }
     record->warned_unfired = true;
-    logger()->warn(
-        "hook on '{}' ({}) did not fire in forward {}: if the module runs, it is called around the library "
-        "(impl->forward(...)); call it through its hookable holder or flexmodel::call",
-        record->function.module_name(), to_string(record->type), state.step);
+    logger()->warn("hook on '{}' ({}) did not fire in forward {}: {}", record->function.module_name(),
+                   to_string(record->type), state.step, state.adapter->unfired_advice(record->function.module_name()));
   }
   state.check_unfired = false;
 }
@@ -1005,6 +1158,15 @@ void send_captures_to_rank0(ModelState& state) {
 
 }  // namespace
 
+void FlexModelBase::fail_rejected_input(const std::exception& error) const {
+  const std::string module =
+      detail::g_failing_module != nullptr ? adapter_->name_of(detail::g_failing_module) : std::string();
+  FLEXMODEL_FAIL(ShapeError, "the forward of ", adapter_->description(), " rejected its input",
+                 module.empty() ? std::string() : detail::concat(" in module '", module, "' (",
+                                                                 detail::g_failing_module->name(), ")"),
+                 ": ", detail::error_reason(error));
+}
+
 FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& groups, std::int64_t batch_rows)
     : state_(*model.state_), batch_rows_(batch_rows) {
   FLEXMODEL_CHECK(!state_.in_forward, ConfigError,
@@ -1017,6 +1179,7 @@ FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& gr
                     violations);
   }
   apply_selection(state_, groups);
+  detail::g_failing_module = nullptr;
   state_.in_forward = true;
   state_.pending.clear();
   if (!state_.applied->hooks.empty()) {
@@ -1082,20 +1245,74 @@ bool FlexModelBase::ForwardScope::splits_batch() const {
   return state_.distributed() && state_.mesh->shape().dp > 1 && batch_rows_ > 0;
 }
 
-void FlexModelBase::ForwardScope::take_batch_shard(detail::TensorLeaves& inputs) const {
+void FlexModelBase::ForwardScope::take_batch_shard(detail::TensorLeaves& inputs) {
   const std::int64_t dp = state_.mesh->shape().dp;
   const std::int64_t rows = batch_rows_ / dp;
-  for (torch::Tensor* input : inputs) {
+  state_.local_rows = rows;
+  split_inputs_.clear();
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    torch::Tensor* input = inputs[i];
     if (input->defined() && input->dim() > 0 && input->size(0) == batch_rows_) {
       *input = input->narrow(0, state_.mesh->dp_rank() * rows, rows);
+      split_inputs_.push_back(i);
     }
+  }
+}
+
+bool FlexModelBase::ForwardScope::needs_calibration() const {
+  if (!splits_batch()) return false;
+  if (!state_.outputs_calibrated) return true;
+  for (const detail::HookRecord* record : state_.records) {
+    if ((record->type == HookType::forward || record->type == HookType::forward_pre) && !record->calibrated &&
+        state_.is_active(*record)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void FlexModelBase::ForwardScope::begin_calibration(detail::TensorLeaves& inputs) {
+  for (std::size_t i : split_inputs_) *inputs[i] = torch::cat({*inputs[i], inputs[i]->narrow(0, 0, 1)});
+  for (detail::HookRecord* record : state_.records) {
+    if (record->calibrated) continue;
+    record->calibration_shapes.clear();
+    record->split_rows.clear();
+  }
+  state_.calibrating = true;
+}
+
+void FlexModelBase::ForwardScope::end_calibration(detail::TensorLeaves& outputs) {
+  state_.calibrating = false;
+  for (detail::HookRecord* record : state_.records) record->calibrated = true;
+  if (!state_.outputs_calibrated) {
+    state_.output_calibration_shapes.clear();
+    for (const torch::Tensor* output : outputs) {
+      state_.output_calibration_shapes.push_back(output->defined() ? output->sizes().vec()
+                                                                   : std::vector<std::int64_t>{});
+    }
+    state_.output_split_rows.clear();
+    state_.outputs_calibrated = true;
   }
 }
 
 void FlexModelBase::ForwardScope::gather_batch(detail::TensorLeaves& outputs) const {
   dist::Communicator& dp_group = state_.mesh->dp_group();
-  for (torch::Tensor* output : outputs) {
-    if (!output->defined() || output->dim() == 0) continue;
+  const auto& shapes = state_.output_calibration_shapes;
+  FLEXMODEL_CHECK(outputs.size() == shapes.size(), ShapeError, "the model returned ", outputs.size(),
+                  " tensors in this forward but ", shapes.size(),
+                  " in the calibration forward that tells data parallelism which tensors have rows; under dp the "
+                  "model must return the same structure whatever the batch size");
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    torch::Tensor* output = outputs[i];
+    if (i == state_.output_split_rows.size() && !output->defined()) state_.output_split_rows.push_back(0);
+    if (i == state_.output_split_rows.size()) {
+      state_.output_split_rows.push_back(detail::rows_split(static_cast<std::size_t>(state_.local_rows), shapes[i],
+                                                            *output, detail::concat("output ", i, " of the model"))
+                                             ? 1
+                                             : 0);
+    }
+    // An output without rows is the same on every rank: each keeps its own.
+    if (!output->defined() || output->dim() == 0 || state_.output_split_rows[i] == 0) continue;
     if (!(torch::GradMode::is_enabled() && output->requires_grad())) {
       torch::Tensor whole = dp_group.gather(*output, 0, 0);
       if (dp_group.rank() == 0) *output = whole;
@@ -1146,6 +1363,15 @@ class NativeAdapter final : public ModelAdapter {
   NamedTensors named_parameters() const override { return to_vector(root_->named_parameters(true)); }
   NamedTensors named_buffers() const override { return to_vector(root_->named_buffers(true)); }
   const void* root_key() const override { return root_.get(); }
+  std::string description() const override { return concat("model ", root_->name()); }
+
+  std::string name_of(const void* key) const override {
+    refresh();
+    for (const auto& item : modules_) {
+      if (item.value().get() == key) return item.key().empty() ? std::string(kRootName) : item.key();
+    }
+    return {};
+  }
 
   bool has_tensor_parallel_layers() const override {
     refresh();

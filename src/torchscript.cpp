@@ -4,6 +4,9 @@
 #include "flexmodel/torchscript.h"
 
 #include <filesystem>
+#include <map>
+#include <set>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -22,6 +25,9 @@ namespace jit = torch::jit;
 
 // ---- tensors inside IValues -------------------------------------------------
 
+// The tensor tree of an IValue: tuples (named ones too) and lists in order,
+// dicts by their values in insertion order (as Python's dicts keep them), so
+// that leaf i is the i-th tensor PyTorch's hooks would see, depth first.
 void collect_ivalue_tensors(const c10::IValue& value, std::vector<torch::Tensor>& tensors) {
   if (value.isTensor()) {
     tensors.push_back(value.toTensor());
@@ -29,6 +35,8 @@ void collect_ivalue_tensors(const c10::IValue& value, std::vector<torch::Tensor>
     for (const auto& element : value.toTupleRef().elements()) collect_ivalue_tensors(element, tensors);
   } else if (value.isList()) {
     for (const auto& element : value.toListRef()) collect_ivalue_tensors(element, tensors);
+  } else if (value.isGenericDict()) {
+    for (const auto& entry : value.toGenericDict()) collect_ivalue_tensors(entry.value(), tensors);
   }
 }
 
@@ -45,6 +53,12 @@ c10::IValue rebuild_ivalue(const c10::IValue& value, const std::vector<torch::Te
     auto list = value.toList();
     c10::impl::GenericList rebuilt(list.elementType());
     for (const auto& element : value.toListRef()) rebuilt.push_back(rebuild_ivalue(element, tensors, next));
+    return rebuilt;
+  }
+  if (value.isGenericDict()) {
+    auto dict = value.toGenericDict();
+    c10::impl::GenericDict rebuilt(dict.keyType(), dict.valueType());
+    for (const auto& entry : dict) rebuilt.insert(entry.key(), rebuild_ivalue(entry.value(), tensors, next));
     return rebuilt;
   }
   return value;
@@ -171,19 +185,82 @@ jit::Value* insert_hook(jit::Graph& graph, jit::Value* value, const void* key, b
   return hook->output();
 }
 
-void instrument_call(jit::Graph& graph, jit::Node* call, const HookPointUse& use) {
+// `kept[i]` says whether call argument i + 1 (after the receiver) is an input
+// as PyTorch's hooks see it; the others are the callee's own tensors.
+void instrument_call(jit::Graph& graph, jit::Node* call, const HookPointUse& use, const std::vector<bool>& kept) {
   if (use.inputs) {
     jit::WithInsertPoint before(call);
-    std::vector<jit::Value*> arguments(call->inputs().begin() + 1, call->inputs().end());
+    std::vector<jit::Value*> arguments;
+    std::vector<std::size_t> positions;
+    for (std::size_t i = 1; i < call->inputs().size(); ++i) {
+      if (!kept[i - 1]) continue;
+      arguments.push_back(call->input(i));
+      positions.push_back(i);
+    }
     jit::Value* packed = graph.insertNode(graph.createTuple(arguments))->output();
     jit::Node* unpacked = graph.insertNode(graph.createTupleUnpack(insert_hook(graph, packed, use.key, true)));
-    for (std::size_t i = 0; i < arguments.size(); ++i) call->replaceInput(i + 1, unpacked->output(i));
+    for (std::size_t i = 0; i < positions.size(); ++i) call->replaceInput(positions[i], unpacked->output(i));
   }
   if (use.outputs) {
     jit::WithInsertPoint after(call->next());
     jit::Value* output = call->output();
     jit::Value* hooked = insert_hook(graph, output, use.key, false);
     output->replaceAllUsesAfterNodeWith(hooked->node(), hooked);
+  }
+}
+
+std::string join_path(const std::string& parent, const std::string& child) {
+  return parent.empty() ? child : child.empty() ? parent : parent + "." + child;
+}
+
+// What the model's forward does with each module, read once from the graphs
+// of every method it calls: which modules it calls, which of those calls are
+// written `child.forward(...)` (PyTorch's own hooks skip such calls), and who
+// reads a module's tensors without calling it.
+struct CallFacts {
+  std::set<std::string> called;
+  std::set<std::string> called_as_forward;
+  std::map<std::string, std::string> tensors_read_by;
+};
+
+void collect_call_facts(const std::map<std::string, torch::jit::Module>& modules,
+                        const std::string& path, const std::string& method, CallFacts& facts,
+                        std::set<std::pair<std::string, std::string>>& visited) {
+  if (!visited.emplace(path, method).second) return;
+  auto found = modules.find(path);
+  if (found == modules.end()) return;
+  auto function = found->second.find_method(method);
+  if (!function) return;
+  std::shared_ptr<jit::Graph> graph = function->graph();
+  const ModulePaths paths = module_paths(*graph);
+  std::vector<jit::Block*> blocks{graph->block()};
+  while (!blocks.empty()) {
+    jit::Block* block = blocks.back();
+    blocks.pop_back();
+    for (jit::Node* node : block->nodes()) {
+      for (jit::Block* inner : node->blocks()) blocks.push_back(inner);
+      auto owner = node->inputs().empty() ? paths.end() : paths.find(node->input(0));
+      if (owner == paths.end()) continue;
+      const std::string target = join_path(path, owner->second);
+      if (node->kind() == jit::prim::CallMethod) {
+        const std::string name = node->s(jit::attr::name);
+        if (name == "forward" && !owner->second.empty()) {
+          facts.called.insert(target);
+          // The Python source the file keeps for debugging says how the call was written.
+          const auto original = node->sourceRange().findSourceRangeThatGenerated();
+          if (original && original->source() != nullptr) {
+            const std::string text = original->text().str();
+            if (text.size() >= 8 && text.compare(text.size() - 8, 8, ".forward") == 0) {
+              facts.called_as_forward.insert(target);
+            }
+          }
+        }
+        collect_call_facts(modules, target, name, facts, visited);
+      } else if (node->kind() == jit::prim::GetAttr && !owner->second.empty() &&
+                 !node->output()->type()->cast<c10::ClassType>()) {
+        facts.tensors_read_by.emplace(target, path);
+      }
+    }
   }
 }
 
@@ -194,6 +271,8 @@ class ScriptAdapter final : public ModelAdapter {
   ScriptAdapter(torch::jit::Module module, std::string model_name)
       : module_(std::move(module)), model_name_(std::move(model_name)) {
     for (const auto& named : module_.named_modules()) modules_.emplace(named.name, named.value);
+    std::set<std::pair<std::string, std::string>> visited;
+    collect_call_facts(modules_, "", "forward", facts_, visited);
   }
 
   std::vector<std::string> module_names() const override {
@@ -213,10 +292,40 @@ class ScriptAdapter final : public ModelAdapter {
 
   std::string unhookable_reason(const std::string& name) const override {
     auto found = modules_.find(name);
-    if (found == modules_.end() || found->second.find_method("forward")) return {};
-    return concat("(", found->second.type()->name()->name(),
-                  ") has no forward method (a container such as ModuleList); hook its children instead");
+    if (found == modules_.end() || name.empty()) return {};
+    const torch::jit::Module& module = found->second;
+    const std::string type = module.type()->name() ? module.type()->name()->name() : "module";
+    auto reader = facts_.tensors_read_by.find(name);
+    const std::string only_tensors =
+        reader == facts_.tensors_read_by.end()
+            ? std::string()
+            : concat("; '", reader->second.empty() ? "(root)" : reader->second,
+                     "' uses only its parameters or attributes, so hook that module instead");
+    if (!module.find_method("forward")) {
+      const bool container = module.type()->name() &&
+                             module.type()->name()->qualifiedName().rfind("__torch__.torch.nn.modules.container.", 0) == 0;
+      if (container) {
+        return concat("(", type, ") is a container with no forward method; hook its children instead");
+      }
+      return concat("(", type, ") has no forward method in this file: the traced forward never called it as a "
+                    "module (it is unused, only its parameters are used, or it was called as .forward(...), "
+                    "which PyTorch's own hooks do not see either)", only_tensors);
+    }
+    if (facts_.called.count(name) == 0) {
+      return concat("(", type, ") is never called by the model's forward, so its hooks could never fire",
+                    reader == facts_.tensors_read_by.end() ? std::string(" (it is unused)") : only_tensors);
+    }
+    return {};
   }
+
+  std::string unfired_advice(const std::string& name) const override {
+    (void)name;
+    return "the forward calls it only on a branch that did not run for this input";
+  }
+
+  // Whether the forward calls `name` as child.forward(...), where PyTorch's
+  // own hooks do not fire (flexmodel's do).
+  bool called_as_forward(const std::string& name) const { return facts_.called_as_forward.count(name) != 0; }
 
   NamedTensors named_parameters() const override {
     NamedTensors out;
@@ -231,6 +340,7 @@ class ScriptAdapter final : public ModelAdapter {
   }
 
   const void* root_key() const override { return module_._ivalue().get(); }
+  std::string description() const override { return model_name_; }
 
   void hook_points_changed(const std::vector<HookPointUse>& uses) override {
     uses_.clear();
@@ -249,7 +359,48 @@ class ScriptAdapter final : public ModelAdapter {
 
   const std::string& model_name() const { return model_name_; }
 
+  // The forward's signature for messages: argument names, types and defaults.
+  std::string signature() const {
+    const auto& schema = module_.get_method("forward").function().getSchema();
+    std::string text = "forward(";
+    for (std::size_t i = 1; i < schema.arguments().size(); ++i) {
+      const auto& argument = schema.arguments()[i];
+      text += concat(i > 1 ? ", " : "", argument.name(), ": ", argument.type()->annotation_str());
+      if (argument.default_value()) text += concat(" = ", *argument.default_value());
+    }
+    return text + ")";
+  }
+
  private:
+  // Whether `value`, an argument of a call, is one of the callee's own
+  // parameters or buffers: the tracer passes a tied weight (an LM head that
+  // shares the token embedding's) into the callee as an argument, but
+  // PyTorch's hooks see only the caller's inputs.
+  bool is_own_tensor(const jit::Value* value, const ModulePaths& paths, const torch::jit::Module& callee) const {
+    const jit::Node* node = value->node();
+    if (node->kind() != jit::prim::GetAttr) return false;
+    auto owner = paths.find(node->input(0));
+    if (owner == paths.end()) return false;
+    const c10::IValue attribute = modules_.at(owner->second).attr(node->s(jit::attr::name));
+    if (!attribute.isTensor()) return false;
+    const torch::Tensor& tensor = attribute.toTensor();
+    for (const auto& named : callee.named_parameters(true)) {
+      if (named.value.is_same(tensor)) return true;
+    }
+    for (const auto& named : callee.named_buffers(true)) {
+      if (named.value.is_same(tensor)) return true;
+    }
+    return false;
+  }
+
+  std::vector<bool> real_inputs(jit::Node* call, const ModulePaths& paths, const std::string& callee) const {
+    std::vector<bool> kept;
+    for (std::size_t i = 1; i < call->inputs().size(); ++i) {
+      kept.push_back(!is_own_tensor(call->input(i), paths, modules_.at(callee)));
+    }
+    return kept;
+  }
+
   void compile() {
     stale_ = false;
     if (uses_.empty()) return;
@@ -263,16 +414,16 @@ class ScriptAdapter final : public ModelAdapter {
     std::map<std::string, std::size_t> sites_of;
     while (true) {
       ModulePaths paths = module_paths(*graph);
-      std::vector<std::pair<jit::Node*, const HookPointUse*>> new_sites;
+      std::vector<std::tuple<jit::Node*, const HookPointUse*, std::vector<bool>>> new_sites;
       for_each_call(graph->block(), [&](jit::Node* call) {
         auto receiver = paths.find(call->input(0));
         if (receiver == paths.end() || call->s(jit::attr::name) != "forward" || instrumented.count(call)) return;
         for (const auto& use : uses_) {
-          if (use.name == receiver->second) new_sites.emplace_back(call, &use);
+          if (use.name == receiver->second) new_sites.emplace_back(call, &use, real_inputs(call, paths, use.name));
         }
       });
-      for (const auto& [call, use] : new_sites) {
-        instrument_call(*graph, call, *use);
+      for (const auto& [call, use, kept] : new_sites) {
+        instrument_call(*graph, call, *use, kept);
         instrumented.insert(call);
         ++sites_of[use->name];
       }
@@ -286,12 +437,15 @@ class ScriptAdapter final : public ModelAdapter {
     for (const auto& use : uses_) {
       if (sites_of.count(use.name) == 0) {
         logger()->warn("module '{}' of {} is never called by forward through a path the library can follow "
-                       "(it may be unused, or called through an interface); its hooks will not fire",
+                       "(it may be called through an interface); its hooks will not fire",
                        use.name, model_name_);
       }
     }
     graph->lint();
     function_ = std::make_unique<torch::jit::GraphFunction>("flexmodel_forward", graph, nullptr);
+    // The module's own schema: default arguments are filled in and inputs are
+    // checked exactly as Module::forward does.
+    function_->setSchema(module_.get_method("forward").function().getSchema());
     logger()->debug("instrumented {} call sites of {} hooked modules in {}", instrumented.size(), uses_.size(),
                     model_name_);
   }
@@ -299,6 +453,7 @@ class ScriptAdapter final : public ModelAdapter {
   torch::jit::Module module_;
   std::string model_name_;
   std::map<std::string, torch::jit::Module> modules_;
+  CallFacts facts_;
   std::vector<HookPointUse> uses_;
   std::unique_ptr<torch::jit::GraphFunction> function_;
   bool stale_ = false;
@@ -336,6 +491,10 @@ FlexModel<torch::jit::Module>::FlexModel(torch::jit::Module module, std::shared_
                                          FlexModelOptions options)
     : FlexModelBase(adapter, options), module_(std::move(module)), script_(std::move(adapter)) {}
 
+bool FlexModel<torch::jit::Module>::called_as_forward(const std::string& module_name) const {
+  return script_->called_as_forward(module_name);
+}
+
 torch::IValue FlexModel<torch::jit::Module>::forward(std::vector<torch::IValue> inputs) {
   return forward(Groups{}, std::move(inputs));
 }
@@ -352,18 +511,31 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
     }
   }
   ForwardScope scope(*this, groups, batch_rows);
-  try {
-    if (scope.splits_batch()) {
-      detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { scope.take_batch_shard(leaves); });
-    }
+  // The root's hooks run here; its submodules' in the graph.
+  auto run = [&](c10::IValue arguments) {
     const detail::ActiveSite* root = scope.root_site();
     if (root != nullptr && detail::site_wants_inputs(*root)) {
-      detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { detail::run_input_hooks(*root, leaves); });
+      detail::apply_to_leaves(arguments, [&](detail::TensorLeaves& leaves) { detail::run_input_hooks(*root, leaves); });
     }
-    torch::IValue output = run_graph(packed.toTupleRef().elements().vec());
+    torch::IValue output = run_graph(arguments.toTupleRef().elements().vec());
     if (root != nullptr && detail::site_wants_outputs(*root)) {
       detail::apply_to_leaves(output, [&](detail::TensorLeaves& leaves) { detail::run_output_hooks(*root, leaves); });
     }
+    return output;
+  };
+  try {
+    if (scope.splits_batch()) {
+      detail::apply_to_leaves(packed, [&](detail::TensorLeaves& leaves) { scope.take_batch_shard(leaves); });
+      if (scope.needs_calibration()) {
+        c10::IValue calibration = packed;
+        detail::apply_to_leaves(calibration, [&](detail::TensorLeaves& leaves) { scope.begin_calibration(leaves); });
+        torch::NoGradGuard no_grad;
+        c10::IValue calibration_output = run(calibration);
+        detail::apply_to_leaves(calibration_output,
+                                [&](detail::TensorLeaves& leaves) { scope.end_calibration(leaves); });
+      }
+    }
+    torch::IValue output = run(packed);
     if (scope.splits_batch()) {
       detail::apply_to_leaves(output, [&](detail::TensorLeaves& leaves) { scope.gather_batch(leaves); });
     }
@@ -377,24 +549,29 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
 
 torch::IValue FlexModel<torch::jit::Module>::run_graph(std::vector<torch::IValue> inputs) {
   detail::g_error_in_graph = nullptr;
+  const std::vector<torch::IValue> inputs_copy = inputs;  // shares the tensors, for the message
   try {
     if (torch::jit::GraphFunction* function = script_->function()) {
       torch::jit::Stack stack;
       stack.reserve(inputs.size() + 1);
       stack.emplace_back(module_._ivalue());
       for (auto& input : inputs) stack.push_back(std::move(input));
-      function->run(stack);
-      return std::move(stack.back());
+      return (*function)(std::move(stack));
     }
     return module_.get_method("forward")(std::move(inputs));
   } catch (const Error&) {
     throw;
   } catch (const std::exception& cause) {
     if (auto original = std::exchange(detail::g_error_in_graph, nullptr)) std::rethrow_exception(original);
-    const c10::Error* torch_error = dynamic_cast<const c10::Error*>(&cause);
-    std::string reason = torch_error != nullptr ? torch_error->what_without_backtrace() : cause.what();
+    std::string given;
+    for (const auto& input : inputs_copy) {
+      given += detail::concat(given.empty() ? "" : ", ",
+                              input.isTensor() ? detail::concat(dtype_name(input.toTensor().scalar_type()), " ",
+                                                                input.toTensor().sizes())
+                                               : input.tagKind());
+    }
     FLEXMODEL_FAIL(ShapeError, "the forward of ", script_->model_name(), " rejected its input: ",
-                   reason.substr(0, reason.find('\n')));
+                   detail::error_reason(cause), "; it takes ", script_->signature(), ", was given (", given, ")");
   }
 }
 

@@ -23,6 +23,7 @@
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
+#include <torch/utils.h>
 
 #include "flexmodel/error.h"
 #include "flexmodel/hook_function.h"
@@ -79,6 +80,14 @@ struct FlexModelOptions {
   }
 };
 
+// What a pattern selects: the hook points among its matches, in model order,
+// and the modules a wildcard skipped because their hooks could never fire
+// (containers, modules the forward never calls), each with the reason.
+struct HookPointSelection {
+  std::vector<std::string> names;
+  std::vector<std::pair<std::string, std::string>> skipped;
+};
+
 namespace detail {
 struct ModelState;
 class ModelAdapter;
@@ -110,8 +119,18 @@ class FlexModelBase {
   HookHandle register_hook_function(HookFunction hook, HookType type);
   void remove_hook(const HookHandle& handle);
 
-  // Groups. create_hook_group makes one hook of `type` on every module matching
-  // `pattern` (an error if none matches) and puts them in `group`.
+  // The hook points of this process's model that `pattern` selects for hooks
+  // of `type` (parameter names for HookType::tensor). A pattern without
+  // wildcards that names a module whose hooks could never fire is an error
+  // with the reason; `(root)` names the root module.
+  HookPointSelection select_hook_points(const Pattern& pattern, HookType type = HookType::forward) const;
+
+  // Hooks that did not fire in the first forward that ran them, each with the
+  // likely reason and its fix.
+  std::vector<std::pair<HookHandle, std::string>> unfired_hooks() const;
+
+  // Groups. create_hook_group makes one hook of `type` on every hook point
+  // `pattern` selects (an error if none) and puts them in `group`.
   std::vector<HookHandle> create_hook_group(const std::string& group, const Pattern& pattern,
                                             ExpectedShape expected_shape = {},
                                             EditingFunction editing_function = {},
@@ -187,21 +206,33 @@ class FlexModelBase {
     void failed(std::exception_ptr error);
     // Data parallel: keeps this rank's rows of each input tensor with the
     // batch's dim 0, and concatenates the outputs' rows back on dp rank 0
-    // (on every dp rank for outputs that require grad).
+    // (on every dp rank for outputs that require grad); outputs without rows
+    // stay as they are.
     bool splits_batch() const;
-    void take_batch_shard(detail::TensorLeaves& inputs) const;
+    void take_batch_shard(detail::TensorLeaves& inputs);
     void gather_batch(detail::TensorLeaves& outputs) const;
+    // Data parallel: which tensors have rows is learnt from a calibration
+    // forward on this rank's shard plus one row, run before the first forward
+    // after hooks change. `inputs` are the leaves of a copy of the shard.
+    bool needs_calibration() const;
+    void begin_calibration(detail::TensorLeaves& inputs);
+    void end_calibration(detail::TensorLeaves& outputs);
     // The root module's site when it has active hooks, else nullptr.
     const detail::ActiveSite* root_site() const { return root_site_; }
 
    private:
     detail::ModelState& state_;
     std::int64_t batch_rows_ = -1;
+    std::vector<std::size_t> split_inputs_;  // leaves take_batch_shard split
     detail::ModelState* previous_ = nullptr;
     const detail::ActiveSite* root_site_ = nullptr;
     bool counted_ = false;
     bool committed_ = false;
   };
+
+  // Throws the ShapeError for a LibTorch error that left the model's forward:
+  // one line naming the model, the innermost hookable module it left, and the cause.
+  [[noreturn]] void fail_rejected_input(const std::exception& error) const;
 
  private:
   // Tells the adapter which hook points have hooks, after registration changes.
@@ -248,12 +279,26 @@ class FlexModel : public FlexModelBase {
       detail::TensorLeaves input_leaves;
       detail::collect_leaves(shard, input_leaves);
       scope.take_batch_shard(input_leaves);
+      if (scope.needs_calibration()) {
+        auto calibration = shard;
+        detail::TensorLeaves calibration_leaves;
+        detail::collect_leaves(calibration, calibration_leaves);
+        scope.begin_calibration(calibration_leaves);
+        torch::NoGradGuard no_grad;
+        auto calibration_output = std::apply(run, calibration);
+        detail::TensorLeaves output_leaves;
+        detail::collect_leaves(calibration_output, output_leaves);
+        scope.end_calibration(output_leaves);
+      }
       auto output = std::apply(run, shard);
       detail::TensorLeaves output_leaves;
       detail::collect_leaves(output, output_leaves);
       scope.gather_batch(output_leaves);
       scope.commit();
       return output;
+    } catch (const c10::Error& error) {
+      scope.failed(std::current_exception());
+      fail_rejected_input(error);
     } catch (...) {
       scope.failed(std::current_exception());
       throw;

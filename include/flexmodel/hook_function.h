@@ -171,6 +171,13 @@ class HookFunction {
     return *this;
   }
 
+  // The same hook on another module.
+  HookFunction with_module_name(std::string name) const {
+    HookFunction copy = *this;
+    copy.module_name_ = std::move(name);
+    return copy;
+  }
+
   const std::string& module_name() const { return module_name_; }
   const ExpectedShape& expected_shape() const { return expected_shape_; }
   const EditingFunction& editing_function() const { return editing_function_; }
@@ -185,14 +192,18 @@ class HookFunction {
   bool capture_ = true;
 };
 
-// Identifies one registered hook.
+// Identifies one registered hook of one FlexModel: `model` is unique to the
+// FlexModel in this process, so a handle never names another model's hook.
 struct HookHandle {
+  std::uint64_t model = 0;
   std::uint64_t id = 0;
   std::string module_name;
   HookType type = HookType::forward;
 
-  friend bool operator==(const HookHandle& a, const HookHandle& b) { return a.id == b.id; }
-  friend bool operator<(const HookHandle& a, const HookHandle& b) { return a.id < b.id; }
+  friend bool operator==(const HookHandle& a, const HookHandle& b) { return a.model == b.model && a.id == b.id; }
+  friend bool operator<(const HookHandle& a, const HookHandle& b) {
+    return a.model != b.model ? a.model < b.model : a.id < b.id;
+  }
 };
 
 }  // namespace flexmodel

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
@@ -32,6 +33,10 @@ bool site_wants_inputs(const ActiveSite& site) noexcept;
 bool site_wants_outputs(const ActiveSite& site) noexcept;
 void run_input_hooks(const ActiveSite& site, TensorLeaves& leaves);
 void run_output_hooks(const ActiveSite& site, TensorLeaves& leaves);
+
+// Remembers the innermost hookable module whose forward a LibTorch error left,
+// so that the forward's error can name it; the first call in a forward wins.
+void note_failing_module(const torch::nn::Module* module) noexcept;
 
 // Records that calls to `module` go through the library, so hooks on it can fire.
 void mark_hookable(const std::shared_ptr<torch::nn::Module>& module);
@@ -65,10 +70,15 @@ std::invoke_result_t<Forward&, Args...> dispatch(const torch::nn::Module* module
   if (hooked_forwards_in_flight.load(std::memory_order_relaxed) == 0) [[likely]] {
     return forward(std::forward<Args>(args)...);
   }
-  if (const ActiveSite* site = find_active_site(module)) {
-    return invoke_with_hooks(*site, forward, std::forward<Args>(args)...);
+  try {
+    if (const ActiveSite* site = find_active_site(module)) {
+      return invoke_with_hooks(*site, forward, std::forward<Args>(args)...);
+    }
+    return forward(std::forward<Args>(args)...);
+  } catch (const c10::Error&) {
+    note_failing_module(module);
+    throw;
   }
-  return forward(std::forward<Args>(args)...);
 }
 
 template <class Impl>

@@ -8,6 +8,10 @@
 
 namespace flexmodel {
 
+// How files and tools name the root module, whose name in named_modules() is
+// empty; accepted wherever a module name or pattern is.
+inline constexpr std::string_view kRootName = "(root)";
+
 class Pattern {
  public:
   enum class Kind { glob, substring, exact };
@@ -20,6 +24,9 @@ class Pattern {
   static Pattern exact(std::string text) { return Pattern(std::move(text), Kind::exact); }
 
   bool matches(std::string_view name) const;
+  // Whether the pattern can match more than one name (a glob with * or ?, a
+  // substring); one that cannot names a module exactly.
+  bool is_wildcard() const;
   const std::string& text() const { return text_; }
   Kind kind() const { return kind_; }
   // "glob 'layers.*.mlp'" for messages.

@@ -43,6 +43,10 @@ class FlexModel<torch::jit::Module> : public FlexModelBase {
 
   const torch::jit::Module& module() const { return module_; }
 
+  // Whether the forward calls `module_name` as child.forward(...): flexmodel's
+  // hooks fire there, PyTorch's own hooks would not.
+  bool called_as_forward(const std::string& module_name) const;
+
  private:
   FlexModel(torch::jit::Module module, std::shared_ptr<detail::ScriptAdapter> adapter, FlexModelOptions options);
   // The instrumented graph, or the module's own forward when nothing is hooked.

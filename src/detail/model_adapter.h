@@ -27,6 +27,11 @@ struct HookPointUse {
 
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 
+// The cause of a LibTorch error in one line: without the backtrace, and for an
+// error raised inside the TorchScript interpreter, the interpreter's reason
+// rather than its "The following operation failed" preamble.
+std::string error_reason(const std::exception& error);
+
 // Up to three of `names` closest to `wanted`, quoted, for "did you mean" messages.
 std::string close_names(const std::string& wanted, const std::vector<std::string>& names);
 
@@ -40,9 +45,22 @@ class ModelAdapter {
   virtual HookPoint hook_point(const std::string& name) const = 0;
   // Empty when hooks on `name` can fire, else why not and the fix.
   virtual std::string unhookable_reason(const std::string& name) const = 0;
+  // Why a hook on `name` that can fire did not in a forward, and the fix.
+  virtual std::string unfired_advice(const std::string& name) const {
+    (void)name;
+    return "if the module runs, it is called around the library (impl->forward(...)); call it through its "
+           "hookable holder or flexmodel::call";
+  }
   virtual NamedTensors named_parameters() const = 0;
   virtual NamedTensors named_buffers() const = 0;
   virtual const void* root_key() const = 0;
+  // "TorchScript model __torch__.GPT", "model GPTImpl": for messages.
+  virtual std::string description() const = 0;
+  // The name of the module whose hook point key is `key`, or empty.
+  virtual std::string name_of(const void* key) const {
+    (void)key;
+    return {};
+  }
   // What the mesh needs of the model: tensor-parallel layers, a pipeline stage.
   virtual bool has_tensor_parallel_layers() const { return false; }
   virtual bool is_pipeline_stage() const { return false; }
