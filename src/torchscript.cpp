@@ -82,6 +82,41 @@ void apply_to_leaves(c10::IValue& value, Hooks&& hooks) {
   }
 }
 
+// Where each tensor leaf of `value` sits, as Python would index it: "[0]",
+// "['logits']", ".probs" (a named tuple's field), "" for a lone tensor.
+void collect_leaf_names(const c10::IValue& value, const std::string& prefix, std::vector<std::string>& names) {
+  if (value.isTensor()) {
+    names.push_back(prefix);
+  } else if (value.isTuple()) {
+    const auto& elements = value.toTupleRef().elements();
+    const auto& schema = value.toTupleRef().type()->schema();
+    for (std::size_t i = 0; i < elements.size(); ++i) {
+      collect_leaf_names(elements[i], schema ? prefix + "." + schema->arguments()[i].name() : concat(prefix, "[", i, "]"),
+                         names);
+    }
+  } else if (value.isList()) {
+    std::size_t i = 0;
+    for (const auto& element : value.toListRef()) collect_leaf_names(element, concat(prefix, "[", i++, "]"), names);
+  } else if (value.isGenericDict()) {
+    for (const auto& entry : value.toGenericDict()) {
+      const auto& key = entry.key();
+      collect_leaf_names(entry.value(),
+                         key.isString() ? concat(prefix, "['", key.toStringRef(), "']") : concat(prefix, "[", key, "]"),
+                         names);
+    }
+  }
+}
+
+// Set while a forward records where each hook point's leaves sit (flex-inspect).
+thread_local std::map<std::pair<const void*, bool>, std::vector<std::string>>* g_leaf_names = nullptr;
+
+void note_leaf_names(const void* key, bool inputs, const c10::IValue& value) {
+  if (g_leaf_names == nullptr) return;
+  std::vector<std::string>& names = (*g_leaf_names)[{key, inputs}];
+  names.clear();
+  collect_leaf_names(value, "", names);
+}
+
 // ---- the hook operator ------------------------------------------------------
 
 // A flexmodel error thrown inside the interpreter comes out re-wrapped; the
@@ -100,6 +135,7 @@ void run_hook_operator(jit::Stack& stack) {
   const void* key = reinterpret_cast<const void*>(id & ~std::intptr_t{1});
   const ActiveSite* site = find_active_site(key);
   if (site == nullptr || !(inputs ? site_wants_inputs(*site) : site_wants_outputs(*site))) return;
+  note_leaf_names(key, inputs, stack.back());
   try {
     auto run = [&](TensorLeaves& leaves) { inputs ? run_input_hooks(*site, leaves) : run_output_hooks(*site, leaves); };
     if (stack.back().isTensor()) {
@@ -495,6 +531,13 @@ bool FlexModel<torch::jit::Module>::called_as_forward(const std::string& module_
   return script_->called_as_forward(module_name);
 }
 
+std::vector<std::string> FlexModel<torch::jit::Module>::leaf_names(const std::string& module_name,
+                                                                   HookType type) const {
+  const std::string name = module_name == kRootName ? std::string() : module_name;
+  auto found = leaf_names_.find({script_->hook_point(name).key, type == HookType::forward_pre});
+  return found != leaf_names_.end() ? found->second : std::vector<std::string>{};
+}
+
 torch::IValue FlexModel<torch::jit::Module>::forward(std::vector<torch::IValue> inputs) {
   return forward(Groups{}, std::move(inputs));
 }
@@ -512,13 +555,22 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
   }
   ForwardScope scope(*this, groups, batch_rows);
   // The root's hooks run here; its submodules' in the graph.
+  std::map<std::pair<const void*, bool>, std::vector<std::string>>* recording =
+      record_leaf_names_ ? &leaf_names_ : nullptr;
+  const auto previous_recording = std::exchange(detail::g_leaf_names, recording);
+  struct Restore {
+    decltype(previous_recording) previous;
+    ~Restore() { detail::g_leaf_names = previous; }
+  } restore{previous_recording};
   auto run = [&](c10::IValue arguments) {
     const detail::ActiveSite* root = scope.root_site();
     if (root != nullptr && detail::site_wants_inputs(*root)) {
+      detail::note_leaf_names(script_->root_key(), true, arguments);
       detail::apply_to_leaves(arguments, [&](detail::TensorLeaves& leaves) { detail::run_input_hooks(*root, leaves); });
     }
     torch::IValue output = run_graph(arguments.toTupleRef().elements().vec());
     if (root != nullptr && detail::site_wants_outputs(*root)) {
+      detail::note_leaf_names(script_->root_key(), false, output);
       detail::apply_to_leaves(output, [&](detail::TensorLeaves& leaves) { detail::run_output_hooks(*root, leaves); });
     }
     return output;

@@ -281,6 +281,51 @@ TEST_F(HookTest, HookOnAModuleCalledAroundTheLibraryIsReported) {
   EXPECT_EQ(text.find("did not fire", text.find("did not fire") + 1), std::string::npos) << "warned twice: " << text;
 }
 
+TEST_F(HookTest, AHandleFromAnotherFlexModelIsRefused) {
+  FlexModel first(net);
+  FlexModel second(Net{});
+  const HookHandle mine = first.register_forward_hook(HookFunction("fc1"));
+  const HookHandle theirs = second.register_forward_hook(HookFunction("fc1"));
+  EXPECT_EQ(mine.id, theirs.id);  // ids count per model; the handles still differ
+  EXPECT_FALSE(mine == theirs);
+  auto message = error_of([&] { first.remove_hook(theirs); });
+  EXPECT_NE(message.find("belongs to another FlexModel"), std::string::npos) << message;
+  EXPECT_EQ(first.hooks().size(), 1u);
+  EXPECT_NE(error_of([&] { first.update_hook_groups(theirs, "g"); }).find("belongs to another FlexModel"),
+            std::string::npos);
+  first.remove_hook(mine);
+  message = error_of([&] { first.remove_hook(mine); });
+  EXPECT_NE(message.find("it was removed"), std::string::npos) << message;
+}
+
+TEST_F(HookTest, ALibraryErrorInsideAHookNamesTheHook) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("act", {}, [](const torch::Tensor& x, HookContext& ctx) {
+    return x * ctx.save_ctx.get<torch::Tensor>("k");
+  }));
+  try {
+    fm.forward(x);
+    ADD_FAILURE() << "no error";
+  } catch (const ConfigError& error) {  // the type stays
+    const std::string message = error.what();
+    EXPECT_NE(message.find("in the editing function of hook on 'act' (forward): save_ctx has no value 'k'"),
+              std::string::npos)
+        << message;
+  }
+}
+
+TEST_F(HookTest, AnInputTheModelRejectsIsOneLineNamingTheModule) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("act"));
+  const std::string message = error_of([&] { fm.forward(torch::ones({5, 4}, torch::kInt)); });
+  EXPECT_NE(message.find("the forward of model"), std::string::npos) << message;
+  EXPECT_NE(message.find("rejected its input in module 'fc1' (torch::nn::LinearImpl): mat1 and mat2 must have the "
+                         "same dtype"),
+            std::string::npos)
+      << message;
+  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+}
+
 TEST(Sequential, ChildrenOfTheHookableSequentialAreHookable) {
   torch::manual_seed(1);
   flexmodel::nn::Sequential seq(torch::nn::Linear(3, 5), torch::nn::ReLU(), torch::nn::Linear(5, 2));

@@ -9,11 +9,13 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <tuple>
 
@@ -22,6 +24,7 @@
 #include <flexmodel/dist.h>
 #include <flexmodel/flexmodel.h>
 #include <flexmodel/io/hdf5_writer.h>
+#include <flexmodel/logging.h>
 #include <flexmodel/models/gpt.h>
 #include <flexmodel/npy.h>
 #include <flexmodel/parallel.h>
@@ -84,7 +87,11 @@ class Summary final : public flexmodel::Sink {
     rows += snapshot.dim() == 0 ? 1 : snapshot.size(0);
     trailing = snapshot.dim() == 0 ? std::vector<std::int64_t>{} : snapshot.sizes().slice(1).vec();
     dtype = flexmodel::dtype_name(snapshot.scalar_type());
+    bytes_ += snapshot.nbytes();
   }
+
+  // Bytes of activations written, before any compression.
+  std::int64_t bytes() const { return static_cast<std::int64_t>(bytes_); }
 
   void print() const {
     for (const auto& [path, facts] : datasets_) {
@@ -97,19 +104,96 @@ class Summary final : public flexmodel::Sink {
 
  private:
   std::map<std::string, std::tuple<std::int64_t, std::vector<std::int64_t>, std::string>> datasets_;
+  std::size_t bytes_ = 0;
 };
 
 struct Settings {
   std::string model_path, input_path, hooks, pre_hooks, out_path, compression = "none", command_line;
   std::int64_t batch_size = 8, tp = 1, pp = 1, dp = 1;
   std::optional<std::int64_t> heads;
-  bool overwrite = false, append = false;
+  bool overwrite = false, append = false, dry_run = false;
 };
 
-void register_patterns(flexmodel::FlexModelBase& fm, const Settings& settings) {
-  for (const auto& pattern : split_patterns(settings.hooks)) fm.create_hook_group("dump", pattern);
-  for (const auto& pattern : split_patterns(settings.pre_hooks)) {
-    fm.create_hook_group("dump", pattern, {}, {}, 0, flexmodel::HookType::forward_pre);
+// What the patterns ask for: each hook point once per hook type, however many
+// patterns select it, with the patterns that did.
+struct Request {
+  struct Point {
+    std::string name;
+    flexmodel::HookType type;
+    std::vector<std::string> patterns;
+  };
+  std::vector<Point> points;
+  std::vector<std::pair<std::string, std::string>> skipped;  // (module, why), for --dry-run
+};
+
+Request select(const flexmodel::FlexModelBase& fm, const Settings& settings) {
+  Request request;
+  std::map<std::pair<std::string, flexmodel::HookType>, std::size_t> index;
+  for (auto [patterns, type] : {std::pair{&settings.hooks, flexmodel::HookType::forward},
+                                std::pair{&settings.pre_hooks, flexmodel::HookType::forward_pre}}) {
+    for (const auto& pattern : split_patterns(*patterns)) {
+      const auto selection = fm.select_hook_points(pattern, type);
+      FLEXMODEL_CHECK(!selection.names.empty(), flexmodel::ConfigError, "--", type == flexmodel::HookType::forward ? "hooks" : "pre-hooks",
+                      " pattern '", pattern, "' matches no module of '", settings.model_path, "' whose hooks can fire",
+                      selection.skipped.empty() ? "" : " (see --dry-run for the modules it skipped)",
+                      "; flex-inspect lists the modules");
+      for (const auto& name : selection.names) {
+        auto [slot, added] = index.emplace(std::pair{name, type}, request.points.size());
+        if (added) request.points.push_back({name, type, {}});
+        request.points[slot->second].patterns.push_back(pattern);
+      }
+      for (const auto& skipped : selection.skipped) request.skipped.push_back(skipped);
+    }
+  }
+  return request;
+}
+
+void register_request(flexmodel::FlexModelBase& fm, const Request& request) {
+  for (const auto& point : request.points) {
+    fm.update_hook_groups(fm.register_hook_function(flexmodel::HookFunction(point.name), point.type), "dump");
+  }
+}
+
+void print_dry_run(const Request& request) {
+  for (const auto& point : request.points) {
+    std::printf("hook   %-40s %-12s (%s)\n", point.name.empty() ? "(root)" : point.name.c_str(),
+                std::string(flexmodel::to_string(point.type)).c_str(), point.patterns.front().c_str());
+  }
+  for (const auto& [name, why] : request.skipped) {
+    std::printf("skip   %-40s %s\n", name.empty() ? "(root)" : name.c_str(), why.c_str());
+  }
+}
+
+// After the first forward: a hook point named exactly that did not fire, or a
+// pattern none of whose hook points fired, is an error (no file is written
+// yet); hook points a wildcard selected that did not fire are listed.
+void check_fired(const flexmodel::FlexModelBase& fm, const Request& request) {
+  std::set<std::pair<std::string, flexmodel::HookType>> unfired;
+  std::map<std::string, std::string> advice;
+  for (const auto& [handle, why] : fm.unfired_hooks()) {
+    unfired.emplace(handle.module_name, handle.type);
+    advice[handle.module_name] = why;
+  }
+  std::map<std::string, std::size_t> fired_per_pattern;
+  for (const auto& point : request.points) {
+    const bool fired = unfired.count({point.name, point.type}) == 0;
+    for (const auto& pattern : point.patterns) {
+      fired_per_pattern[pattern] += fired ? 1 : 0;
+      FLEXMODEL_CHECK(fired || flexmodel::Pattern(pattern).is_wildcard(), flexmodel::ConfigError, "the ",
+                      flexmodel::to_string(point.type), " hook on '", point.name.empty() ? "(root)" : point.name,
+                      "' did not fire in the first forward: ", advice[point.name]);
+    }
+  }
+  for (const auto& [pattern, fired] : fired_per_pattern) {
+    FLEXMODEL_CHECK(fired > 0, flexmodel::ConfigError, "none of the hook points pattern '", pattern,
+                    "' selects fired in the first forward (flex-inspect --input shows what runs)");
+  }
+  for (const auto& point : request.points) {
+    if (unfired.count({point.name, point.type}) != 0 && flexmodel::dist::world_rank() == 0) {
+      std::fprintf(stderr, "flex-dump: note: the %s hook on '%s' did not fire (%s); it has no dataset\n",
+                   std::string(flexmodel::to_string(point.type)).c_str(), point.name.c_str(),
+                   advice[point.name].c_str());
+    }
   }
 }
 
@@ -119,7 +203,7 @@ void register_patterns(flexmodel::FlexModelBase& fm, const Settings& settings) {
 void register_sharded_hooks(flexmodel::FlexModelBase& sharded, const flexmodel::models::GPT& full,
                             const Settings& settings, const torch::Tensor& one_row) {
   flexmodel::FlexModel probe(full);
-  register_patterns(probe, settings);
+  register_request(probe, select(probe, settings));
   probe.forward(flexmodel::Groups{"dump"}, one_row);
   for (const auto& [module_name, type] : probe.outputs().keys()) {
     const auto sizes = probe.outputs().at(module_name, type).front().sizes();
@@ -160,11 +244,13 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
   fm.close_sinks();
   if (root) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    const auto bytes = std::filesystem::file_size(settings.out_path);
-    std::printf("flex-dump: wrote %s: %lld rows in %lld forwards, %.1f MB in %.2f s (%.1f MB/s)\n",
+    const double file_mb = static_cast<double>(std::filesystem::file_size(settings.out_path)) / 1e6;
+    const double activation_mb = static_cast<double>(summary->bytes()) / 1e6;
+    std::printf("flex-dump: wrote %s: %lld rows in %lld forwards, %.1f MB of activations in %.2f s (%.1f MB/s), "
+                "file %.1f MB\n",
                 settings.out_path.c_str(), static_cast<long long>(rows),
-                static_cast<long long>((rows + batch_size - 1) / batch_size), static_cast<double>(bytes) / 1e6,
-                seconds, static_cast<double>(bytes) / 1e6 / seconds);
+                static_cast<long long>((rows + batch_size - 1) / batch_size), activation_mb, seconds,
+                activation_mb / seconds, file_mb);
     summary->print();
   }
   return 0;
@@ -184,12 +270,15 @@ int run(int argc, char** argv) {
                  "none, gzip[:N], or a filter plugin's lz4 / zstd[:N] / blosc[:N]");
   auto* overwrite_flag = app.add_flag("--overwrite", settings.overwrite, "replace an existing file");
   app.add_flag("--append", settings.append, "continue an existing file with the same layout")->excludes(overwrite_flag);
-  app.add_option("--dp", settings.dp, "data-parallel ranks (mpirun -np N ... --dp N)");
+  auto* dp_option = app.add_option("--dp", settings.dp,
+                                   "data-parallel ranks (default: the ranks mpirun starts, divided by tp·pp)");
   app.add_option("--tp", settings.tp,
                  "tensor-parallel ranks; with --tp or --pp the model must have the GPT layout of "
                  "flexmodel::models::GPT, which is rebuilt from its weights as a flexmodel::parallel::ParallelGPT");
   app.add_option("--pp", settings.pp, "pipeline stages (see --tp)");
   app.add_option("--heads", settings.heads, "attention heads, for --tp/--pp on an export that does not record them");
+  app.add_flag("--dry-run", settings.dry_run,
+               "print the hook points the patterns select and the modules they skip, then exit");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
@@ -200,6 +289,24 @@ int run(int argc, char** argv) {
                   "nothing to dump: give --hooks and/or --pre-hooks");
   FLEXMODEL_CHECK(settings.tp > 0 && settings.pp > 0 && settings.dp > 0, flexmodel::ConfigError,
                   "--tp, --pp and --dp must be positive");
+  // Every rank of the world takes part: a world larger than the mesh would run
+  // the whole job once per extra rank.
+  const std::int64_t world = flexmodel::dist::world_size();
+  if (dp_option->count() == 0) {
+    FLEXMODEL_CHECK(world % (settings.tp * settings.pp) == 0, flexmodel::ConfigError, "mpirun started ", world,
+                    " ranks, not a multiple of --tp ", settings.tp, " × --pp ", settings.pp,
+                    "; start tp·pp·dp ranks");
+    settings.dp = world / (settings.tp * settings.pp);
+  }
+  FLEXMODEL_CHECK(settings.tp * settings.pp * settings.dp == world, flexmodel::ConfigError, "--tp ", settings.tp,
+                  " × --pp ", settings.pp, " × --dp ", settings.dp, " = ", settings.tp * settings.pp * settings.dp,
+                  " ranks, but ", world, " were started; start mpirun -np ",
+                  settings.tp * settings.pp * settings.dp);
+  if (!settings.dry_run && !settings.overwrite && !settings.append) {
+    std::error_code error;
+    FLEXMODEL_CHECK(!std::filesystem::exists(settings.out_path, error), flexmodel::ConfigError, "'",
+                    settings.out_path, "' exists: pass --overwrite to replace it or --append to continue it");
+  }
   const std::int64_t dp = settings.dp;
   FLEXMODEL_CHECK(settings.batch_size > 0 && settings.batch_size % dp == 0, flexmodel::ConfigError, "--batch-size ",
                   settings.batch_size, " must be a positive multiple of --dp ", dp);
@@ -216,10 +323,17 @@ int run(int argc, char** argv) {
 
   if (settings.tp == 1 && settings.pp == 1) {
     flexmodel::ScriptFlexModel fm(module, options);
-    register_patterns(fm, settings);
+    const Request request = select(fm, settings);
+    if (settings.dry_run) {
+      if (flexmodel::dist::world_rank() == 0) print_dry_run(request);
+      return 0;
+    }
+    register_request(fm, request);
     auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, {batch}); };
-    // One small forward first: a model that rejects the input fails before any file exists.
-    forward(input.narrow(0, 0, dp));
+    // One small forward first: a model that rejects the input, or a hook that
+    // cannot fire, fails before any file exists.
+    forward(input.narrow(0, 0, settings.dp));
+    check_fired(fm, request);
     return dump(fm, forward, settings, input);
   }
   const auto full = flexmodel::models::gpt_from_torchscript(module, "'" + settings.model_path + "'", settings.heads);
@@ -234,6 +348,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // flex-dump reports what matters itself, each problem in one line; the
+  // library's warnings (a hook that did not fire, say) would repeat it.
+  if (std::getenv("FLEXMODEL_LOG_LEVEL") == nullptr) flexmodel::logger()->set_level(spdlog::level::err);
   try {
     return run(argc, argv);
   } catch (const std::exception& error) {

@@ -12,6 +12,7 @@
 // rebuilds it at the next forward. restore() drops it.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,6 +48,13 @@ class FlexModel<torch::jit::Module> : public FlexModelBase {
   // hooks fire there, PyTorch's own hooks would not.
   bool called_as_forward(const std::string& module_name) const;
 
+  // While on, forwards note where each hooked point's tensors sit in its input
+  // or output tree, as Python would index them ("['logits']", "[1]", ".probs",
+  // "" for a lone tensor): leaf_names(module, forward) names the leaves of its
+  // output in the last forward, forward_pre those of its inputs.
+  void record_leaf_names(bool on) { record_leaf_names_ = on; }
+  std::vector<std::string> leaf_names(const std::string& module_name, HookType type) const;
+
  private:
   FlexModel(torch::jit::Module module, std::shared_ptr<detail::ScriptAdapter> adapter, FlexModelOptions options);
   // The instrumented graph, or the module's own forward when nothing is hooked.
@@ -54,6 +62,8 @@ class FlexModel<torch::jit::Module> : public FlexModelBase {
 
   torch::jit::Module module_;
   std::shared_ptr<detail::ScriptAdapter> script_;
+  bool record_leaf_names_ = false;
+  std::map<std::pair<const void*, bool>, std::vector<std::string>> leaf_names_;
 };
 
 FlexModel(torch::jit::Module) -> FlexModel<torch::jit::Module>;

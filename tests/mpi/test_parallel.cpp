@@ -9,6 +9,7 @@
 #include "flexmodel/dist.h"
 #include "flexmodel/flexmodel.h"
 #include "flexmodel/hooks/editing.h"
+#include "flexmodel/npy.h"
 #include "flexmodel/parallel.h"
 #include "flexmodel/torchscript.h"
 
@@ -138,6 +139,52 @@ TEST(TorchScript, DataParallelCapturesAndLogitsEqualOneProcess) {
   EXPECT_TRUE(torch::allclose(logits, expected, 1e-5, 1e-6));
   for (const auto& name : {"layers.0.mlp", "layers.2.mlp"}) {
     EXPECT_TRUE(torch::allclose(sharded.outputs().at(name)[0], single.outputs().at(name)[0], 1e-5, 1e-6)) << name;
+  }
+}
+
+// Tensors without a batch dimension (a position embedding of arange(T)[None],
+// rotary cos/sin tables, a tied weight) are captured once, not once per rank,
+// and an edit of one applies on every rank: also with one row per rank, and
+// when the ranks' rows are identical, so that a [1, T, d] tensor is no clue.
+TEST(TorchScript, TensorsWithoutRowsAreCapturedOnceAndEditedEverywhere) {
+  if (g_shape.tp != 1 || g_shape.pp != 1 || g_shape.dp == 1) {
+    GTEST_SKIP() << "for data-parallel meshes of a TorchScript model";
+  }
+  const std::string real = std::string(FLEXMODEL_FIXTURE_DIR) + "/real/";
+  torch::NoGradGuard no_grad;
+  const auto four_rows = read_npy(real + "nobatch_scripted.input0.npy");
+  const auto repeated = read_npy(real + "nobatch_scripted.rows2.npy");
+  for (const auto& path : {real + "nobatch_scripted.pt", real + "nobatch_traced.pt"}) {
+    ScriptFlexModel single(path);
+    ScriptFlexModel sharded(path, FlexModelOptions().dp(g_shape.dp));
+    for (auto* fm : {&single, &sharded}) {
+      fm->register_forward_hook(HookFunction("wpe"));
+      fm->register_forward_hook(HookFunction("rotary").unpack_idx(HookFunction::kAllLeaves));
+      fm->register_forward_pre_hook(HookFunction("wpe"));
+      fm->register_forward_hook(HookFunction("layers.0.mlp"));
+      fm->create_hook_group("edit", "wpe", {}, hooks::scale(0.5));
+    }
+    for (const auto& tokens : {four_rows, repeated, four_rows.narrow(0, 0, g_shape.dp)}) {
+      if (tokens.size(0) % g_shape.dp != 0) continue;
+      for (const Groups& groups : {Groups{"all"}, Groups{"edit"}.complement()}) {
+        const auto expected = single.forward(groups, {tokens}).toTensor();
+        const auto logits = sharded.forward(groups, {tokens}).toTensor();
+        if (dist::world_rank() != 0) continue;
+        EXPECT_TRUE(torch::allclose(logits, expected, 1e-5, 1e-5)) << path;
+      }
+    }
+    if (dist::world_rank() != 0) continue;
+    ASSERT_EQ(sharded.outputs().keys(), single.outputs().keys());
+    for (const auto& [name, type] : single.outputs().keys()) {
+      const auto& ours = sharded.outputs().at(name, type);
+      const auto& theirs = single.outputs().at(name, type);
+      ASSERT_EQ(ours.size(), theirs.size()) << name;
+      for (std::size_t i = 0; i < ours.size(); ++i) {
+        ASSERT_EQ(ours[i].sizes(), theirs[i].sizes()) << path << " " << name << " capture " << i;
+        EXPECT_TRUE(torch::allclose(ours[i].to(torch::kDouble), theirs[i].to(torch::kDouble), 1e-5, 1e-5))
+            << path << " " << name << " capture " << i;
+      }
+    }
   }
 }
 

@@ -23,7 +23,7 @@ def main(tool, fixtures, mpirun):
     common = ["--model", model, "--input", tokens, "--hooks", "layers.*.mlp,embed_tokens", "--pre-hooks", "lm_head"]
     with tempfile.TemporaryDirectory() as scratch:
         single = os.path.join(scratch, "single.h5")
-        result = run(tool, *common, "--out", single, "--batch-size", "1")
+        result = result_single = run(tool, *common, "--out", single, "--batch-size", "1")
         assert result.returncode == 0, result.stderr
         assert "/activations/layers.1.mlp/forward" in result.stdout, result.stdout
         with h5py.File(single, "r") as h5:
@@ -83,7 +83,7 @@ def main(tool, fixtures, mpirun):
         for args, needle in [(["--hooks", "layer.*.mlp"], "matches no module"),
                              (["--input", floats], "rejected its input"),
                              (["--model", os.path.join(scratch, "missing.pt")], "does not exist"),
-                             (["--model", os.path.join(fixtures, "gpt_traced.pt"), "--tp", "2"], "n_heads")]:
+                             (["--tp", "2"], "mpirun started 1 ranks, not a multiple of --tp 2")]:
             out = os.path.join(scratch, "bad.h5")
             replaced = dict(zip(common[::2], common[1::2]))
             replaced.update(dict(zip(args[::2], args[1::2])))
@@ -93,9 +93,55 @@ def main(tool, fixtures, mpirun):
             assert failed.returncode != 0 and len(lines) == 1 and needle in lines[0], (args, failed.stderr)
             assert not any(name.startswith("bad.h5") for name in os.listdir(scratch)), os.listdir(scratch)
 
+        # Patterns select hook points: a wildcard skips containers and modules the
+        # forward never calls (--dry-run says which); a container named exactly,
+        # or a hook point named exactly that never fires, is an error and no file.
+        real = os.path.join(fixtures, "real")
+        encoder = ["--model", os.path.join(real, "encoder_causal_scripted.pt"),
+                   "--input", os.path.join(real, "encoder_causal_scripted.input0.npy")]
+        dry = run(tool, *encoder, "--hooks", "**", "--out", os.path.join(scratch, "dry.h5"), "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "hook   (root)" in dry.stdout and "hook   encoder.layers.0.self_attn " in dry.stdout, dry.stdout
+        assert "skip   encoder.layers.0.self_attn.out_proj" in dry.stdout and "skip   encoder.layers " in dry.stdout
+        assert not os.path.exists(os.path.join(scratch, "dry.h5"))
+        encoder_fast = ["--model", os.path.join(real, "encoder_scripted.pt"),
+                        "--input", os.path.join(real, "encoder_scripted.input0.npy")]
+        for args, needle in [(encoder + ["--hooks", "encoder.layers"], "is a container with no forward method"),
+                             (encoder + ["--hooks", "encoder.layers.0.self_attn.out_proj"],
+                              "'encoder.layers.0.self_attn' uses only its parameters"),
+                             (encoder_fast + ["--hooks", "layers.0.linear1"], "did not fire in the first forward"),
+                             (encoder_fast + ["--hooks", "layers.*.linear*"], "none of the hook points pattern")]:
+            out = os.path.join(scratch, "bad.h5")
+            failed = run(tool, *args, "--out", out)
+            lines = failed.stderr.strip().splitlines()
+            assert failed.returncode != 0 and needle in failed.stderr and len(lines) == 1, (args, failed.stderr)
+            assert not any(name.startswith("bad.h5") for name in os.listdir(scratch)), os.listdir(scratch)
+        # Overlapping patterns dump a hook point once.
+        overlap = os.path.join(scratch, "overlap.h5")
+        assert run(tool, *common[:4], "--hooks", "layers.*.mlp,layers.0.mlp", "--out", overlap).returncode == 0
+        with h5py.File(overlap, "r") as h5:
+            assert h5["activations/layers.0.mlp/forward"].shape[0] == 2
+
+        # The summary counts activations and the file apart.
+        assert " MB of activations in " in result_single.stdout and ", file " in result_single.stdout, \
+            result_single.stdout
+
+        failed = run(*mpirun, "-np", "2", tool, "--input", tokens, "--model", os.path.join(fixtures, "gpt_traced.pt"),
+                     "--hooks", "layers.0.mlp", "--out", os.path.join(scratch, "x.h5"), "--tp", "2")
+        assert failed.returncode != 0 and "n_heads" in failed.stderr, failed.stderr
+
+        # A world larger than the mesh is no silent double run: dp defaults to the world.
+        implicit = os.path.join(scratch, "implicit_dp.h5")
+        result = run(*mpirun, "-np", "2", tool, *common, "--out", implicit, "--batch-size", "2")
+        assert result.returncode == 0, result.stdout + result.stderr
+        with h5py.File(implicit, "r") as h5:
+            assert h5.attrs["dp"] == 2
+        failed = run(*mpirun, "-np", "2", tool, *common, "--out", os.path.join(scratch, "x.h5"), "--dp", "1")
+        assert failed.returncode != 0 and "were started" in failed.stdout + failed.stderr, failed.stderr
+
         # An existing file is kept unless --overwrite; --append continues it.
         kept = run(tool, *common, "--out", single)
-        assert kept.returncode != 0 and single in kept.stderr, kept.stderr
+        assert kept.returncode != 0 and single in kept.stderr and "pass --overwrite" in kept.stderr, kept.stderr
         assert run(tool, *common, "--out", single, "--overwrite").returncode == 0
         assert run(tool, *common, "--out", single, "--append").returncode == 0
         with h5py.File(single, "r") as h5:

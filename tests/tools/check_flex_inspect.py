@@ -18,6 +18,49 @@ def run(*args):
     return subprocess.run(list(args), capture_output=True, text=True)
 
 
+def check_real_exports(tool, real):
+    """Keys of dict outputs, why a module is no hook point, calls PyTorch's hooks
+    miss, and a table whose columns fit names longer than any fixed width."""
+    def report_of(name):
+        result = run(tool, os.path.join(real, f"{name}.pt"), "--input", os.path.join(real, f"{name}.input0.npy"),
+                     "--json")
+        assert result.returncode == 0, result.stderr
+        return {module["name"]: module for module in json.loads(result.stdout)["modules"]}
+
+    modules = report_of("dict_scripted")
+    assert [leaf["leaf"] for leaf in modules[""]["outputs"]] == ["['logits']", "['last_hidden_state']"], modules[""]
+    assert [leaf["leaf"] for leaf in modules["lm_head"]["outputs"]] == [".logits", ".probs"], modules["lm_head"]
+
+    modules = report_of("encoder_causal_scripted")
+    out_proj = modules["encoder.layers.0.self_attn.out_proj"]
+    assert not out_proj["hookable"] and "uses only its parameters" in out_proj["why_not_hookable"], out_proj
+    assert "container" in modules["encoder.layers"]["why_not_hookable"]
+    assert modules["encoder.layers.0.self_attn"]["hookable"]
+
+    modules = report_of("dotforward_scripted")
+    assert modules["layers.0.attention"].get("pytorch_hooks_fire") is False, modules["layers.0.attention"]
+    assert "pytorch_hooks_fire" not in modules["layers.0.attention.wq"]
+
+    model = os.path.join(real, "encoder_causal_scripted.pt")
+    table = run(tool, model, "--input", os.path.join(real, "encoder_causal_scripted.input0.npy"))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("MODULE"))
+    columns = [header.index(title) for title in ("TYPE", "PARAMETERS", "INPUTS", "OUTPUTS")]
+    longest = "encoder.layers.0.self_attn.out_proj"
+    assert len(longest) > 27 and columns[0] > len(longest), (columns, header)
+    rows = [line for line in lines[lines.index(header) + 1:] if line and not line.startswith(" ")]
+    for line in rows[:-1]:
+        if line.startswith("not hook points"):
+            break
+        name = line.split()[0]
+        # Each cell starts in its column, after at least one space.
+        assert line[columns[0] - 1] == " " and line[columns[0]] != " ", (name, line)
+        assert line[columns[1] - 1] == " " and line[columns[1]] != " ", (name, line)
+    assert "called as .forward(...)" in run(tool, os.path.join(real, "dotforward_scripted.pt"),
+                                            "--input", os.path.join(real, "dotforward_scripted.input0.npy")).stdout
+
+
 def main(tool, fixtures):
     model = os.path.join(fixtures, "gpt_scripted.pt")
     tokens = os.path.join(fixtures, "tokens.npy")
@@ -42,11 +85,13 @@ def main(tool, fixtures):
     for name, module in modules.items():
         for parameter, shape in module["parameters"].items():
             assert list(getattr(eager[name], parameter).shape) == shape, (name, parameter)
-    assert modules["layers"]["hookable"] is False
+    assert modules["layers"]["hookable"] is False and "container" in modules["layers"]["why_not_hookable"]
     assert report["supports"] == {"data_parallel": True, "tensor_parallel": False, "pipeline_parallel": False}
 
     table = run(tool, model)
     assert table.returncode == 0 and "layers.1.mlp.fc_in" in table.stdout, table
+
+    check_real_exports(tool, os.path.join(fixtures, "real"))
 
     with tempfile.TemporaryDirectory() as scratch:
         floats = os.path.join(scratch, "floats.npy")

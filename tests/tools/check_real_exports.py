@@ -1,6 +1,6 @@
 """flex-dump on the real-export fixtures against PyTorch's own hook captures.
 
-    check_real_exports.py FLEX_DUMP FIXTURE_DIR
+    check_real_exports.py FLEX_DUMP FIXTURE_DIR MPIRUN...
 
 For every FIXTURE_DIR/real/NAME.json (written by tests/fixtures/make_fixtures.py)
 with exactly one input, and each of its one-input "variants", runs
@@ -11,8 +11,13 @@ so that one forward sees every row, then checks that
   - every module in fired_pre with a "forward_pre|<module>|0" key has
     activations/<module>/forward_pre equal to it,
   - any other dataset belongs to a module in never_fired (printed as an extra).
-The root module is "" in the fixtures and "(root)" in the file. Prints one line
-per fixture and exits non-zero if any fixture failed.
+The root module is "" in the fixtures and "(root)" in the file. Then, for the
+fixtures in DATA_PARALLEL, `MPIRUN -np 2 FLEX_DUMP ... --dp 2` must write what one
+process writes at the same --batch-size, dataset by dataset, with one and with two
+rows per rank: tensors without a batch dimension (a position embedding of
+arange(T)[None], rotary tables) are written once per step, never once per rank,
+also when the two ranks' rows are identical. Prints one line per run and exits
+non-zero if any run failed.
 """
 import json
 import os
@@ -35,10 +40,16 @@ def module_name(dataset: str) -> str:
     return "" if dataset == "(root)" else dataset
 
 
-def dump(tool: str, model: str, inputs: str, out: str):
+# (fixture, input file suffix, global batch sizes) run under two data-parallel ranks.
+DATA_PARALLEL = [("nobatch_traced", "input0.npy", (2, 4)), ("nobatch_scripted", "input0.npy", (2, 4)),
+                 ("nobatch_traced", "rows2.npy", (2,)), ("nobatch_scripted", "rows2.npy", (2,)),
+                 ("tied_traced", "input0.npy", (2,)), ("dict_scripted", "input0.npy", (2,))]
+
+
+def dump(tool: str, model: str, inputs: str, out: str, batch=None, launcher=(), extra=()):
     rows = np.load(inputs, mmap_mode="r").shape[0]
-    command = [tool, "--model", model, "--input", inputs, "--hooks", "**", "--pre-hooks", "**",
-               "--out", out, "--batch-size", str(rows)]
+    command = [*launcher, tool, "--model", model, "--input", inputs, "--hooks", "**", "--pre-hooks", "**",
+               "--out", out, "--batch-size", str(batch or rows), *extra]
     try:
         return subprocess.run(command, capture_output=True, text=True)
     except OSError as error:   # FLEX_DUMP missing or not executable
@@ -115,7 +126,39 @@ def check_run(tool: str, real: str, scratch: str, name: str, summary: dict, labe
     return True, f"{label}: ok, {checked} datasets equal PyTorch's hooks{extra}"
 
 
-def main(tool: str, fixtures: str) -> int:
+def check_data_parallel(tool: str, mpirun: list, real: str, scratch: str, name: str, suffix: str, batch: int):
+    """One process against two data-parallel ranks at the same global batch; returns (ok, line)."""
+    label = f"{name}.{suffix[:-4]} --dp 2 --batch-size {batch}"
+    model, inputs = os.path.join(real, f"{name}.pt"), os.path.join(real, f"{name}.{suffix}")
+    single, parallel = os.path.join(scratch, "single.h5"), os.path.join(scratch, "parallel.h5")
+    for path in (single, parallel):
+        if os.path.exists(path):
+            os.remove(path)
+    for out, launcher, extra in ((single, (), ()), (parallel, (*mpirun, "-np", "2"), ("--dp", "2"))):
+        result = dump(tool, model, inputs, out, batch, launcher, extra)
+        if result.returncode != 0:
+            message = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+            return False, f"{label}: FAIL flex-dump exited {result.returncode}: {message}"
+    problems, checked = [], 0
+    with h5py.File(single, "r") as one, h5py.File(parallel, "r") as two:
+        paths = lambda h5: {f"{d}/{k}" for d in h5["activations"] for k in h5["activations"][d]}
+        if paths(one) != paths(two):
+            problems.append(f"datasets differ: {sorted(paths(one) ^ paths(two))}")
+        for path in sorted(paths(one) & paths(two)):
+            a, b = one["activations"][path][()], two["activations"][path][()]
+            if a.shape != b.shape:
+                problems.append(f"{path}: one process {a.shape}, two ranks {b.shape}")
+            # A matrix product over another number of rows may round differently.
+            elif not np.allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-5, atol=ATOL):
+                problems.append(f"{path}: values differ by up to {np.abs(a - b).max():.3g}")
+            else:
+                checked += 1
+    if problems:
+        return False, f"{label}: FAIL\n    " + "\n    ".join(problems)
+    return True, f"{label}: ok, {checked} datasets equal one process's"
+
+
+def main(tool: str, fixtures: str, mpirun: list) -> int:
     real = os.path.join(fixtures, "real")
     names = sorted(entry[:-len(".json")] for entry in os.listdir(real) if entry.endswith(".json"))
     if not names:
@@ -135,14 +178,21 @@ def main(tool: str, fixtures: str) -> int:
                 runs_done += 1
                 if not ok:
                     failed.append(label)
+        for name, suffix, batches in DATA_PARALLEL:
+            for batch in batches:
+                ok, line = check_data_parallel(tool, mpirun, real, scratch, name, suffix, batch)
+                print(line, flush=True)
+                runs_done += 1
+                if not ok:
+                    failed.append(line.split(":")[0])
     if failed:
-        print(f"check_real_exports: {len(failed)} of the real exports differ from PyTorch: {', '.join(failed)}")
+        print(f"check_real_exports: {len(failed)} runs differ: {', '.join(failed)}")
         return 1
-    print(f"check_real_exports: {len(names)} fixtures ({runs_done} runs) equal PyTorch's hooks")
+    print(f"check_real_exports: {len(names)} fixtures ({runs_done} runs) equal PyTorch's hooks and one process")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 4:
         sys.exit(__doc__)
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
