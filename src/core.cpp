@@ -261,8 +261,15 @@ void OutputMap::append_all(std::vector<Capture>& captures) {
   captures.clear();
 }
 
+namespace {
+// The root's captures are under "", which "(root)" names too.
+OutputMap::Key output_key(const std::string& module_name, HookType type) {
+  return OutputMap::Key(module_name == kRootName ? std::string() : module_name, type);
+}
+}  // namespace
+
 const OutputMap::Series& OutputMap::find(const std::string& module_name, HookType type) const {
-  auto found = series_.find(Key(module_name, type));
+  auto found = series_.find(output_key(module_name, type));
   if (found == series_.end() || found->second.tensors.empty()) {
     std::string present;
     for (const auto& [key, series] : series_) {
@@ -285,7 +292,7 @@ const std::vector<torch::Tensor>& OutputMap::at(const std::string& module_name, 
 
 bool OutputMap::contains(const std::string& module_name, HookType type) const {
   std::lock_guard lock(mutex_);
-  auto found = series_.find(Key(module_name, type));
+  auto found = series_.find(output_key(module_name, type));
   return found != series_.end() && !found->second.tensors.empty();
 }
 
