@@ -108,7 +108,9 @@ void collect_leaf_names(const c10::IValue& value, const std::string& prefix, std
 }
 
 // Set while a forward records where each hook point's leaves sit (flex-inspect).
-thread_local std::map<std::pair<const void*, bool>, std::vector<std::string>>* g_leaf_names = nullptr;
+// Initial-exec, as the hot path reads it on every hooked call (see g_current_forward).
+__attribute__((tls_model("initial-exec"))) thread_local std::map<std::pair<const void*, bool>, std::vector<std::string>>*
+    g_leaf_names = nullptr;
 
 void note_leaf_names(const void* key, bool inputs, const c10::IValue& value) {
   if (g_leaf_names == nullptr) return;
