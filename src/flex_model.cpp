@@ -35,6 +35,7 @@ struct HookRecord : std::enable_shared_from_this<HookRecord> {
   Site* site = nullptr;
   OutputMap::Series* series = nullptr;
   torch::Tensor parameter;
+  dist::Sharding parameter_sharding;  // as the parameter's module declares it
   unsigned parameter_hook_index = 0;
   // Position in ModelState::records; hooks registered since the last forward have none yet.
   static constexpr std::size_t kUnindexed = static_cast<std::size_t>(-1);
@@ -197,7 +198,8 @@ std::string expected_text(const ExpectedShape& shape) {
 }
 
 std::string hook_label(const HookRecord& record) {
-  return concat("hook on '", record.function.module_name(), "' (", to_string(record.type), ")");
+  const std::string& name = record.function.module_name();
+  return concat("hook on '", name.empty() ? std::string(kRootName) : name, "' (", to_string(record.type), ")");
 }
 
 void check_expected_shape(const HookRecord& record, const torch::Tensor& tensor) {
@@ -297,8 +299,35 @@ thread_local bool g_error_raised_on_every_rank = false;
 // rows are split over data-parallel ranks.
 struct Route {
   std::int64_t tp_dim = -1;
+  std::int64_t blocks = 1;  // the declared blocks of a fused dimension
   bool gather_dp = false;
 };
+
+// What the hooked module declares about the hook's tensor (leaf `leaf` of its
+// inputs or outputs, or the hooked parameter).
+dist::Sharding declared_sharding(const HookRecord& record, std::size_t leaf) {
+  if (record.type == HookType::tensor) return record.parameter_sharding;
+  const auto* module =
+      record.site != nullptr ? dynamic_cast<const dist::TensorParallelModule*>(record.site->module) : nullptr;
+  if (module == nullptr) return dist::Sharding::replicated();
+  const bool inputs = record.type == HookType::forward_pre || record.type == HookType::full_backward;
+  return inputs ? module->input_sharding(leaf) : module->output_sharding(leaf);
+}
+
+// A fused dimension gathered rank by rank holds, per rank, its piece of every
+// block; the model's order is block by block, each block's pieces in rank order.
+torch::Tensor ranks_to_blocks(const torch::Tensor& gathered, std::int64_t dim, std::int64_t ranks,
+                              std::int64_t blocks, bool inverse = false) {
+  if (blocks == 1 || !gathered.defined()) return gathered;
+  const auto pieces = gathered.chunk(ranks * blocks, dim);
+  std::vector<torch::Tensor> ordered;
+  for (std::int64_t outer = 0; outer < (inverse ? ranks : blocks); ++outer) {
+    for (std::int64_t inner = 0; inner < (inverse ? blocks : ranks); ++inner) {
+      ordered.push_back(pieces[static_cast<std::size_t>(inverse ? inner * ranks + outer : inner * blocks + outer)]);
+    }
+  }
+  return torch::cat(ordered, dim);
+}
 
 // Under data parallelism, whether a tensor is split by rows over the dp ranks
 // or the same on every one (a position embedding of arange(T)[None], a rotary
@@ -356,19 +385,29 @@ std::uint64_t content_hash(const torch::Tensor& tensor) {
   return hash;
 }
 
-// A tensor without rows is captured once; it must be the same on every dp rank.
-void check_same_on_dp_ranks(const dist::Mesh& mesh, const HookRecord& record, const torch::Tensor& tensor) {
-  const auto hashes = mesh.dp_group().all_gather_ints(static_cast<std::int64_t>(content_hash(tensor)));
+// A tensor taken as the same on every rank of `group` (one without rows over
+// dp, one its module does not declare split over tp) is captured once; if the
+// ranks' copies differ, every rank ends with `why`.
+void check_same_across(dist::Communicator& group, const torch::Tensor& tensor, const std::string& why) {
+  const auto hashes = group.all_gather_ints(static_cast<std::int64_t>(content_hash(tensor)));
   if (std::all_of(hashes.begin(), hashes.end(), [&](std::int64_t hash) { return hash == hashes.front(); })) return;
-  dist::abort_world(concat("flexmodel: ", hook_label(record), ": its tensor ", tensor.sizes(),
-                           " has no rows (its shape does not change with the batch) but differs across "
-                           "data-parallel ranks, so it depends on the batch and no dp run can reproduce it; "
-                           "run with dp 1"));
+  dist::abort_world("flexmodel: " + why);
 }
 
-Route route_of(const HookRecord& record, const torch::Tensor& local, const dist::Mesh& mesh, bool split_rows) {
+// The tensor-parallel dimension comes from the module's declaration; an
+// expected_shape must agree with it. Where nothing is declared, an
+// expected_shape whose size in one dimension is the local size × tp names it.
+Route route_of(const HookRecord& record, const torch::Tensor& local, const dist::Mesh& mesh, bool split_rows,
+               const dist::Sharding& declared) {
   Route route;
   route.gather_dp = mesh.shape().dp > 1 && split_rows && local.dim() > 0;
+  if (declared.is_split() && mesh.shape().tp > 1) {
+    const std::int64_t d = *declared.dim < 0 ? *declared.dim + local.dim() : *declared.dim;
+    FLEXMODEL_CHECK(d >= 0 && d < local.dim(), ShapeError, hook_label(record), ": its module declares the tensor split "
+                    "along dimension ", *declared.dim, " but it has ", local.dim(), "; fix the module's declaration");
+    route.tp_dim = d;
+    route.blocks = declared.blocks;
+  }
   const ExpectedShape& expected = record.function.expected_shape();
   if (expected.empty()) return route;
   FLEXMODEL_CHECK(static_cast<std::int64_t>(expected.size()) == local.dim(), ShapeError, hook_label(record),
@@ -378,6 +417,14 @@ Route route_of(const HookRecord& record, const torch::Tensor& local, const dist:
   for (std::int64_t d = 0; d < local.dim(); ++d) {
     const auto& size = expected[static_cast<std::size_t>(d)];
     if (size && !(d == 0 && route.gather_dp) && *size != local.size(d)) differing.push_back(d);
+  }
+  if (route.tp_dim >= 0) {
+    const auto& size = expected[static_cast<std::size_t>(route.tp_dim)];
+    const bool agrees = (differing.empty() && !size) || (differing.size() == 1 && differing.front() == route.tp_dim);
+    FLEXMODEL_CHECK(agrees, ShapeError, hook_label(record), " expected shape ", expected_text(expected),
+                    " contradicts its module's declaration: dimension ", route.tp_dim, " is split over ",
+                    mesh.shape().tp, " tensor-parallel ranks (full size ", local.size(route.tp_dim) * mesh.shape().tp,
+                    ") and the others are local sizes ", local.sizes(), "; fix expected_shape or leave it out");
   }
   FLEXMODEL_CHECK(differing.size() <= 1, ShapeError, hook_label(record), " expected shape ", expected_text(expected),
                   " differs from the local tensor ", local.sizes(), " in ", differing.size(),
@@ -404,17 +451,38 @@ void apply_hook_locally(ModelState& state, HookRecord& record, torch::Tensor& te
 // Under a mesh: gather (TP, then DP) to the stage leader, which checks,
 // captures and edits; the edit is then scattered back so that every rank
 // continues with its own shard. Only the stage leader runs editing functions.
-void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
-                            bool in_forward) {
+void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::size_t leaf,
+                            std::int64_t step, bool in_forward) {
   const dist::Mesh& mesh = *state.mesh;
   const bool split_rows = mesh.shape().dp > 1 && record.type != HookType::tensor && dp_splits_rows(state, record, tensor);
-  const Route route = route_of(record, tensor, mesh, split_rows);
+  // Shapes are alike on every rank of a stage, so a route error is raised on each.
+  const Route route = [&] {
+    try {
+      return route_of(record, tensor, mesh, split_rows, declared_sharding(record, leaf));
+    } catch (const Error&) {
+      g_error_raised_on_every_rank = true;
+      throw;
+    }
+  }();
   const bool editing = static_cast<bool>(record.function.editing_function());
   if (mesh.shape().dp > 1 && !split_rows && record.type != HookType::tensor) {
-    check_same_on_dp_ranks(mesh, record, tensor);
+    check_same_across(mesh.dp_group(), tensor,
+                      concat(hook_label(record), ": its tensor ", tensor.sizes(),
+                             " has no rows (its shape does not change with the batch) but differs across "
+                             "data-parallel ranks, so it depends on the batch and no dp run can reproduce it; "
+                             "run with dp 1"));
+  }
+  if (mesh.shape().tp > 1 && route.tp_dim < 0) {
+    check_same_across(mesh.tp_group(), tensor,
+                      concat(hook_label(record), ": its tensor ", tensor.sizes(),
+                             " differs across tensor-parallel ranks, but its module declares no sharding for it; "
+                             "give expected_shape with the full size of the split dimension, or declare the "
+                             "sharding (flexmodel::dist::TensorParallelModule)"));
   }
 
-  torch::Tensor stage = route.tp_dim >= 0 ? mesh.tp_group().gather(tensor, route.tp_dim, 0) : tensor;
+  torch::Tensor stage = route.tp_dim >= 0 ? ranks_to_blocks(mesh.tp_group().gather(tensor, route.tp_dim, 0),
+                                                            route.tp_dim, mesh.shape().tp, route.blocks)
+                                          : tensor;
   torch::Tensor full = stage;
   if (mesh.tp_rank() == 0 && route.gather_dp) full = mesh.dp_group().gather(stage, 0, 0);
 
@@ -447,6 +515,7 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
     mesh.dp_group().broadcast(local_stage, 0);
   }
   if (route.tp_dim >= 0) {
+    local_stage = ranks_to_blocks(local_stage, route.tp_dim, mesh.shape().tp, route.blocks, /*inverse=*/true);
     tensor = mesh.tp_group().scatter(local_stage, tensor, route.tp_dim, 0);
   } else if (mesh.shape().tp > 1) {
     torch::Tensor replica = mesh.tp_rank() == 0 ? local_stage.contiguous() : torch::empty_like(tensor);
@@ -458,11 +527,12 @@ void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor
 }
 
 // The pipeline for one hook on one tensor.
-void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::int64_t step,
+// `leaf` is the tensor's place among the module's inputs or outputs.
+void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::size_t leaf, std::int64_t step,
                 bool in_forward) {
   record.fired = true;
   if (state.distributed()) {
-    apply_hook_distributed(state, record, tensor, step, in_forward);
+    apply_hook_distributed(state, record, tensor, leaf, step, in_forward);
   } else {
     apply_hook_locally(state, record, tensor, step, in_forward);
   }
@@ -478,29 +548,30 @@ void apply_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, st
 
 // Gradient hooks: a fresh alias of the tensor gets an autograd hook, so the hook
 // sees only the gradient that flows through this module's input or output.
-void attach_gradient_hook(HookRecord& record, torch::Tensor& tensor, std::int64_t step) {
+void attach_gradient_hook(HookRecord& record, torch::Tensor& tensor, std::size_t leaf, std::int64_t step) {
   if (!torch::GradMode::is_enabled() || !tensor.requires_grad()) return;
   record.fired = true;
   tensor = tensor.view_as(tensor);
-  tensor.register_hook([weak = record.weak_from_this(), step](const torch::Tensor& grad) -> torch::Tensor {
+  tensor.register_hook([weak = record.weak_from_this(), leaf, step](const torch::Tensor& grad) -> torch::Tensor {
     auto alive = weak.lock();
     if (!alive || alive->state == nullptr || !grad.defined()) return grad;
     torch::Tensor edited = grad;
-    apply_hook(*alive->state, *alive, edited, step, /*in_forward=*/false);
+    apply_hook(*alive->state, *alive, edited, leaf, step, /*in_forward=*/false);
     return edited;
   });
 }
 
 // Calls `apply` on the leaf the hook's unpack_idx names, or on every defined leaf.
 template <class Apply>
+// `apply(tensor, leaf index)`.
 void for_each_chosen_leaf(const ActiveHook& hook, TensorLeaves& leaves, Apply&& apply) {
   if (hook.unpack_idx != HookFunction::kAllLeaves) {
     if (hook.unpack_idx >= leaves.size() || !leaves[hook.unpack_idx]->defined()) fail_unpack(*hook.record, leaves);
-    apply(*leaves[hook.unpack_idx]);
+    apply(*leaves[hook.unpack_idx], hook.unpack_idx);
     return;
   }
-  for (torch::Tensor* leaf : leaves) {
-    if (leaf->defined()) apply(*leaf);
+  for (std::size_t i = 0; i < leaves.size(); ++i) {
+    if (leaves[i]->defined()) apply(*leaves[i], i);
   }
 }
 
@@ -513,7 +584,9 @@ void run_hooks(ModelState& state, const ActiveSite& site, Phase values, TensorLe
       HookRecord& record = *hooks[i].record;
       if (record.calibrated) continue;
       for_each_chosen_leaf(hooks[i], leaves,
-                           [&](torch::Tensor& leaf) { record.calibration_shapes.push_back(leaf.sizes().vec()); });
+                           [&](torch::Tensor& leaf, std::size_t) {
+                             record.calibration_shapes.push_back(leaf.sizes().vec());
+                           });
     }
     return;
   }
@@ -523,17 +596,20 @@ void run_hooks(ModelState& state, const ActiveSite& site, Phase values, TensorLe
       // Only the check for hooks that never fire reads `fired`.
       if (state.check_unfired) hook.record->fired = true;
       for_each_chosen_leaf(hook, leaves,
-                           [&](torch::Tensor& leaf) { capture(state, *hook.plain_capture_series, leaf, true); });
+                           [&](torch::Tensor& leaf, std::size_t) {
+                             capture(state, *hook.plain_capture_series, leaf, true);
+                           });
     } else {
-      for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf) {
-        apply_hook(state, *hook.record, leaf, state.step, /*in_forward=*/true);
+      for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf, std::size_t index) {
+        apply_hook(state, *hook.record, leaf, index, state.step, /*in_forward=*/true);
       });
     }
   }
   for (std::uint32_t i = site.bounds[values + 1]; i < site.bounds[values + 2]; ++i) {
     const ActiveHook& hook = hooks[i];
-    for_each_chosen_leaf(hook, leaves,
-                         [&](torch::Tensor& leaf) { attach_gradient_hook(*hook.record, leaf, state.step); });
+    for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf, std::size_t index) {
+      attach_gradient_hook(*hook.record, leaf, index, state.step);
+    });
   }
 }
 
@@ -688,12 +764,13 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
                     "' does not require grad, so its gradient hook would never fire; call "
                     "wrapped_module_requires_grad(true) or set requires_grad on it");
     record->parameter = *parameter;
+    record->parameter_sharding = adapter_->parameter_sharding(name);
     std::weak_ptr<HookRecord> weak = record;
     record->parameter_hook_index = record->parameter.register_hook([weak](const torch::Tensor& grad) -> torch::Tensor {
       auto alive = weak.lock();
       if (!alive || alive->state == nullptr || !alive->state->is_active(*alive) || !grad.defined()) return grad;
       torch::Tensor edited = grad;
-      detail::apply_hook(*alive->state, *alive, edited, alive->state->step - 1, /*in_forward=*/false);
+      detail::apply_hook(*alive->state, *alive, edited, 0, alive->state->step - 1, /*in_forward=*/false);
       return edited;
     });
   } else {
@@ -969,8 +1046,11 @@ torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const
   const int owner_leader = static_cast<int>(owner_stage * mesh.shape().tp * mesh.shape().dp);
   torch::Tensor full;
   if (mesh.pp_rank() == owner_stage) {
-    const detail::Route route = detail::route_of(shape_check, *parameter, mesh, /*split_rows=*/false);
-    full = route.tp_dim >= 0 ? mesh.tp_group().gather(parameter->detach(), route.tp_dim, 0) : parameter->detach();
+    const detail::Route route =
+        detail::route_of(shape_check, *parameter, mesh, /*split_rows=*/false, adapter_->parameter_sharding(name));
+    full = route.tp_dim >= 0 ? detail::ranks_to_blocks(mesh.tp_group().gather(parameter->detach(), route.tp_dim, 0),
+                                                       route.tp_dim, mesh.shape().tp, route.blocks)
+                             : parameter->detach();
     if (mesh.stage_leader()) detail::check_expected_shape(shape_check, full);
   }
   if (owner_leader != 0) {
@@ -1364,6 +1444,14 @@ class NativeAdapter final : public ModelAdapter {
   NamedTensors named_buffers() const override { return to_vector(root_->named_buffers(true)); }
   const void* root_key() const override { return root_.get(); }
   std::string description() const override { return concat("model ", root_->name()); }
+
+  dist::Sharding parameter_sharding(const std::string& name) const override {
+    const auto dot = name.rfind('.');
+    auto module = find(dot == std::string::npos ? std::string() : name.substr(0, dot));
+    const auto* parallel = dynamic_cast<const dist::TensorParallelModule*>(module.get());
+    return parallel != nullptr ? parallel->parameter_sharding(name.substr(dot == std::string::npos ? 0 : dot + 1))
+                               : dist::Sharding::replicated();
+  }
 
   std::string name_of(const void* key) const override {
     refresh();

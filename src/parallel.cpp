@@ -38,6 +38,15 @@ void ColumnParallelLinearImpl::load_full(const torch::Tensor& full_weight, const
   };
   weight.copy_(pick(full_weight));
   if (bias.defined() && full_bias.defined()) bias.copy_(pick(full_bias));
+  blocks_ = blocks;
+}
+
+dist::Sharding ColumnParallelLinearImpl::output_sharding(std::size_t) const {
+  return gather_output_ ? dist::Sharding::replicated() : dist::Sharding::split(-1, blocks_);
+}
+
+dist::Sharding ColumnParallelLinearImpl::parameter_sharding(const std::string&) const {
+  return dist::Sharding::split(0, blocks_);
 }
 
 RowParallelLinearImpl::RowParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features,
@@ -57,6 +66,12 @@ void RowParallelLinearImpl::load_full(const torch::Tensor& full_weight, const to
   torch::NoGradGuard no_grad;
   weight.copy_(full_weight.chunk(mesh_->shape().tp, 1)[mesh_->tp_rank()]);
   if (bias.defined() && full_bias.defined()) bias.copy_(full_bias);
+}
+
+dist::Sharding RowParallelLinearImpl::input_sharding(std::size_t) const { return dist::Sharding::split(-1); }
+
+dist::Sharding RowParallelLinearImpl::parameter_sharding(const std::string& name) const {
+  return name == "weight" ? dist::Sharding::split(1) : dist::Sharding::replicated();
 }
 
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t vocab_size,
@@ -80,10 +95,21 @@ void VocabParallelEmbeddingImpl::load_full(const torch::Tensor& full_weight) {
   weight.copy_(full_weight.chunk(mesh_->shape().tp, 0)[mesh_->tp_rank()]);
 }
 
+dist::Sharding VocabParallelEmbeddingImpl::parameter_sharding(const std::string&) const {
+  return dist::Sharding::split(0);
+}
+
+dist::Sharding ShardedGELUImpl::input_sharding(std::size_t) const { return dist::Sharding::split(-1); }
+dist::Sharding ShardedGELUImpl::output_sharding(std::size_t) const { return dist::Sharding::split(-1); }
+
 ParallelAttentionImpl::ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options)
     : local_heads_(shard_of(options.n_heads(), *mesh, "ParallelAttention: n_heads")) {
   qkv = register_module("qkv", ColumnParallelLinear(mesh, options.d_model(), 3 * options.d_model()));
   proj = register_module("proj", RowParallelLinear(mesh, options.d_model(), options.d_model()));
+}
+
+dist::Sharding ParallelAttentionImpl::output_sharding(std::size_t leaf) const {
+  return leaf == 1 ? dist::Sharding::split(1) : dist::Sharding::replicated();
 }
 
 std::tuple<torch::Tensor, torch::Tensor> ParallelAttentionImpl::forward(const torch::Tensor& x) {
@@ -94,7 +120,7 @@ std::tuple<torch::Tensor, torch::Tensor> ParallelAttentionImpl::forward(const to
 
 ParallelMLPImpl::ParallelMLPImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options) {
   fc_in = register_module("fc_in", ColumnParallelLinear(mesh, options.d_model(), options.d_mlp()));
-  act = register_module("act", flexmodel::nn::GELU());
+  act = register_module("act", ShardedGELU());
   fc_out = register_module("fc_out", RowParallelLinear(mesh, options.d_mlp(), options.d_model()));
 }
 

@@ -5,7 +5,8 @@
 // streams the chosen hook points' activations to an HDF5 file. Under
 // `mpirun -np N ... --dp N` each rank runs its share of every batch and rank 0
 // writes the gathered activations. With --tp/--pp a model of the GPT layout is
-// rebuilt from its weights as a ParallelGPT and sharded over the mesh.
+// rebuilt from its weights as a ParallelGPT and sharded over the mesh; its
+// layers declare their sharding, so every activation is written whole.
 #include <unistd.h>
 
 #include <chrono>
@@ -197,20 +198,17 @@ void check_fired(const flexmodel::FlexModelBase& fm, const Request& request) {
   }
 }
 
-// Under tensor parallelism a hook must know the unsharded shape to gather a
-// sharded activation: one row through the whole model in this process gives
-// every hooked module's shape, registered with any batch size.
-void register_sharded_hooks(flexmodel::FlexModelBase& sharded, const flexmodel::models::GPT& full,
-                            const Settings& settings, const torch::Tensor& one_row) {
-  flexmodel::FlexModel probe(full);
-  register_request(probe, select(probe, settings));
-  probe.forward(flexmodel::Groups{"dump"}, one_row);
-  for (const auto& [module_name, type] : probe.outputs().keys()) {
-    const auto sizes = probe.outputs().at(module_name, type).front().sizes();
-    flexmodel::ExpectedShape shape(sizes.begin(), sizes.end());
-    if (!shape.empty()) shape.front() = std::nullopt;
-    sharded.update_hook_groups(sharded.register_hook_function(flexmodel::HookFunction(module_name, shape), type),
-                               "dump");
+// A model split over pipeline stages registers collectively: each pattern's
+// union over the stages, every hook point once however many patterns select it.
+void register_on_every_stage(flexmodel::FlexModelBase& fm, const Settings& settings) {
+  std::set<std::pair<std::string, flexmodel::HookType>> registered;
+  for (auto [patterns, type] : {std::pair{&settings.hooks, flexmodel::HookType::forward},
+                                std::pair{&settings.pre_hooks, flexmodel::HookType::forward_pre}}) {
+    for (const auto& pattern : split_patterns(*patterns)) {
+      for (const auto& handle : fm.create_hook_group("dump", pattern, {}, {}, 0, type)) {
+        if (!registered.emplace(handle.module_name, type).second) fm.remove_hook(handle);
+      }
+    }
   }
 }
 
@@ -340,7 +338,9 @@ int run(int argc, char** argv) {
   const auto mesh = flexmodel::dist::Mesh::create({settings.tp, settings.pp, dp});
   flexmodel::parallel::ParallelGPT sharded(*full, mesh);
   flexmodel::FlexModel fm(sharded, options);
-  register_sharded_hooks(fm, full, settings, input.narrow(0, 0, 1));
+  // The layers declare how their activations are split, so hooks gather them
+  // without an expected shape.
+  register_on_every_stage(fm, settings);
   auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, batch); };
   return dump(fm, forward, settings, input);
 }

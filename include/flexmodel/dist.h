@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -95,11 +96,44 @@ class Mesh {
   std::shared_ptr<Communicator> world_, tp_, pp_, dp_;
 };
 
-// Marks a native module whose parameters are sharded over the tensor-parallel
-// group (the flexmodel::parallel layers).
+// How one tensor of a tensor-parallel module is laid out over the TP group:
+// replicated (every rank holds all of it), or split into equal shards along
+// `dim` (negative counts from the end) in rank order. With `blocks` > 1 the
+// dimension holds that many stacked blocks (a fused q|k|v), each split over
+// the ranks, so rank r holds block 0's r-th piece, then block 1's, ...
+struct Sharding {
+  std::optional<std::int64_t> dim;
+  std::int64_t blocks = 1;
+
+  static Sharding replicated() { return {}; }
+  static Sharding split(std::int64_t dimension, std::int64_t block_count = 1) { return {dimension, block_count}; }
+  bool is_split() const { return dim.has_value(); }
+};
+
+// A native module whose parameters or activations are sharded over the
+// tensor-parallel group, and how: hooks on it gather what it declares split,
+// so an editing function sees the full tensor without an expected_shape, and
+// scatter an edit back. `leaf` counts the tensors of its inputs (forward-pre
+// and full-backward hooks) or outputs (forward and full-backward-pre hooks)
+// depth first; `name` is a parameter's name within the module ("weight").
+// A hooked tensor that a module does not declare split must be the same on
+// every TP rank, or the hook is an error naming it. The flexmodel::parallel
+// layers declare theirs; a user's own tensor-parallel module does the same.
 class TensorParallelModule {
  public:
   virtual ~TensorParallelModule() = default;
+  virtual Sharding input_sharding(std::size_t leaf) const {
+    (void)leaf;
+    return Sharding::replicated();
+  }
+  virtual Sharding output_sharding(std::size_t leaf) const {
+    (void)leaf;
+    return Sharding::replicated();
+  }
+  virtual Sharding parameter_sharding(const std::string& name) const {
+    (void)name;
+    return Sharding::replicated();
+  }
 };
 
 // Marks a native model that is one pipeline stage of a larger model: its

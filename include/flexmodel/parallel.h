@@ -32,11 +32,17 @@ class ColumnParallelLinearImpl : public torch::nn::Module, public dist::TensorPa
   // `blocks` > 1 the rows are that many stacked matrices (q, k, v), each split.
   void load_full(const torch::Tensor& weight, const torch::Tensor& bias = {}, std::int64_t blocks = 1);
 
+  // Output split along its last dimension (in load_full's blocks) unless
+  // gathered; weight and bias split along dim 0.
+  dist::Sharding output_sharding(std::size_t leaf) const override;
+  dist::Sharding parameter_sharding(const std::string& name) const override;
+
   torch::Tensor weight, bias;
 
  private:
   std::shared_ptr<dist::Mesh> mesh_;
   bool gather_output_;
+  std::int64_t blocks_ = 1;
 };
 FLEX_MODULE(ColumnParallelLinear);
 
@@ -48,6 +54,11 @@ class RowParallelLinearImpl : public torch::nn::Module, public dist::TensorParal
                         bool bias = true);
   torch::Tensor forward(const torch::Tensor& x);
   void load_full(const torch::Tensor& weight, const torch::Tensor& bias = {});
+
+  // Input split along its last dimension; weight along dim 1; the output and
+  // the bias are whole on every rank.
+  dist::Sharding input_sharding(std::size_t leaf) const override;
+  dist::Sharding parameter_sharding(const std::string& name) const override;
 
   torch::Tensor weight, bias;
 
@@ -63,6 +74,9 @@ class VocabParallelEmbeddingImpl : public torch::nn::Module, public dist::Tensor
   torch::Tensor forward(const torch::Tensor& tokens);
   void load_full(const torch::Tensor& weight);
 
+  // Weight split along dim 0 (vocabulary rows); input and output whole.
+  dist::Sharding parameter_sharding(const std::string& name) const override;
+
   torch::Tensor weight;
 
  private:
@@ -71,11 +85,23 @@ class VocabParallelEmbeddingImpl : public torch::nn::Module, public dist::Tensor
 };
 FLEX_MODULE(VocabParallelEmbedding);
 
-class ParallelAttentionImpl : public torch::nn::Module {
+// An elementwise GELU between a column- and a row-parallel layer: its input
+// and output are split along the last dimension, as it declares.
+class ShardedGELUImpl : public torch::nn::GELUImpl, public dist::TensorParallelModule {
+ public:
+  using torch::nn::GELUImpl::GELUImpl;
+  dist::Sharding input_sharding(std::size_t leaf) const override;
+  dist::Sharding output_sharding(std::size_t leaf) const override;
+};
+FLEX_MODULE(ShardedGELU);
+
+class ParallelAttentionImpl : public torch::nn::Module, public dist::TensorParallelModule {
  public:
   ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options);
   // (output [B,T,d], this rank's heads' attention probabilities [B,heads/tp,T,T]).
   std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x);
+  // The probabilities (leaf 1) split by heads, along dim 1.
+  dist::Sharding output_sharding(std::size_t leaf) const override;
 
   ColumnParallelLinear qkv{nullptr};
   RowParallelLinear proj{nullptr};
@@ -91,7 +117,7 @@ class ParallelMLPImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
 
   ColumnParallelLinear fc_in{nullptr};
-  flexmodel::nn::GELU act{nullptr};
+  ShardedGELU act{nullptr};
   RowParallelLinear fc_out{nullptr};
 };
 FLEX_MODULE(ParallelMLP);

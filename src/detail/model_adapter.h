@@ -10,6 +10,8 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include "flexmodel/dist.h"
+
 namespace flexmodel::detail {
 
 struct HookPoint {
@@ -56,6 +58,12 @@ class ModelAdapter {
   virtual const void* root_key() const = 0;
   // "TorchScript model __torch__.GPT", "model GPTImpl": for messages.
   virtual std::string description() const = 0;
+  // How the module that owns parameter `name` declares it split over
+  // tensor-parallel ranks.
+  virtual dist::Sharding parameter_sharding(const std::string& name) const {
+    (void)name;
+    return dist::Sharding::replicated();
+  }
   // The name of the module whose hook point key is `key`, or empty.
   virtual std::string name_of(const void* key) const {
     (void)key;

@@ -18,6 +18,9 @@ namespace {
 
 dist::MeshShape g_shape;
 
+// This rank's tensor-parallel index in a world that is one TP group.
+std::int64_t mesh_rank_of_tp() { return dist::world_rank() % g_shape.tp; }
+
 models::GPTOptions small_gpt() {
   return models::GPTOptions().vocab_size(64).max_positions(16).d_model(32).n_heads(4).n_layers(4).d_mlp(64);
 }
@@ -112,6 +115,83 @@ TEST_F(ParallelGPTTest, GetModuleParameterGathersTheUnshardedWeight) {
   EXPECT_TRUE(torch::equal(fc_in, full->layers->ptr<models::BlockImpl>(1)->mlp->fc_in->weight));
   EXPECT_TRUE(torch::equal(embedding, full->embed_tokens->weight));
   EXPECT_TRUE(torch::equal(proj_weight, full->layers->ptr<models::BlockImpl>(3)->attn->proj->weight));
+}
+
+// The layers declare their sharding: hooks without expected_shape see and edit
+// full tensors, a fused qkv in the model's head order, as one process has them.
+TEST_F(ParallelGPTTest, DeclaredShardingNeedsNoExpectedShape) {
+  FlexModel reference(full);
+  const std::vector<std::pair<std::string, HookType>> points = {
+      {"layers.1.mlp.fc_in", HookType::forward},   {"layers.1.mlp.act", HookType::forward},
+      {"layers.1.mlp.fc_out", HookType::forward_pre}, {"layers.0.attn.qkv", HookType::forward},
+      {"layers.2.attn.proj", HookType::forward_pre}, {"lm_head", HookType::forward}};
+  for (auto* model : std::initializer_list<FlexModelBase*>{&reference, fm.get()}) {
+    for (const auto& [name, type] : points) model->register_hook_function(HookFunction(name), type);
+    model->register_forward_hook(HookFunction("layers.3.attn").unpack_idx(1));  // probabilities, split by heads
+    // Position-dependent edits along the split dimensions, so a wrong layout shows.
+    model->create_hook_group("edit", "layers.2.mlp.fc_in", {},
+                             [](const torch::Tensor& x) { return x * torch::linspace(-1, 2, 64); });
+    model->create_hook_group("edit", "layers.1.attn.qkv", {},
+                             [](const torch::Tensor& x) { return x * torch::linspace(0, 1, 96); });
+  }
+  const auto expected = reference.forward(tokens);
+  const auto logits = fm->forward(tokens);
+  const auto plain = reference.forward(Groups{"edit"}.complement(), tokens);
+  auto qkv_weight = fm->get_module_parameter("layers.0.attn.qkv.weight");
+  auto proj_weight = fm->get_module_parameter("layers.0.attn.proj.weight");
+  if (!root()) return;
+  EXPECT_FALSE(torch::allclose(expected, plain, 1e-3, 1e-3));
+  EXPECT_TRUE(torch::allclose(logits, expected, 1e-5, 1e-5)) << "max |Δ| " << (logits - expected).abs().max();
+  for (const auto& [name, type] : points) {
+    const auto& ours = fm->outputs().at(name, type)[0];
+    const auto& theirs = reference.outputs().at(name, type)[0];
+    ASSERT_EQ(ours.sizes(), theirs.sizes()) << name;
+    EXPECT_TRUE(torch::allclose(ours, theirs, 1e-5, 1e-5)) << name << " max |Δ| " << (ours - theirs).abs().max();
+  }
+  EXPECT_TRUE(torch::allclose(fm->outputs().at("layers.3.attn")[0], reference.outputs().at("layers.3.attn")[0], 1e-5,
+                              1e-5));
+  EXPECT_TRUE(torch::equal(qkv_weight, full->layers->ptr<models::BlockImpl>(0)->attn->qkv->weight));
+  EXPECT_TRUE(torch::equal(proj_weight, full->layers->ptr<models::BlockImpl>(0)->attn->proj->weight));
+}
+
+TEST_F(ParallelGPTTest, AnExpectedShapeThatContradictsTheDeclarationIsAnErrorOnEveryRank) {
+  if (g_shape.tp == 1 || g_shape.pp > 1) GTEST_SKIP() << "for tensor-parallel meshes of one stage";
+  // fc_in's output is split along its last dimension; 32 is the local size, not the full one.
+  auto wrong = fm->register_forward_hook(HookFunction("layers.1.mlp.fc_in", {std::nullopt, std::nullopt, 32}));
+  try {
+    fm->forward(tokens);
+    ADD_FAILURE() << "no error";
+  } catch (const ShapeError& error) {
+    EXPECT_NE(std::string(error.what()).find("contradicts its module's declaration"), std::string::npos)
+        << error.what();
+  }
+  fm->remove_hook(wrong);
+  fm->register_forward_hook(HookFunction("layers.1.mlp.fc_in"));
+  fm->forward(tokens);  // the ranks go on together
+  if (root()) EXPECT_EQ(fm->outputs().at("layers.1.mlp.fc_in")[0].size(2), 64);
+}
+
+// A user's own tensor-parallel module declares its sharding through the same interface.
+struct OwnShardImpl : torch::nn::Module, dist::TensorParallelModule {
+  explicit OwnShardImpl(std::shared_ptr<dist::Mesh> mesh) : mesh_(std::move(mesh)) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return (x * 3).chunk(mesh_->shape().tp, 1)[mesh_->tp_rank()].contiguous();
+  }
+  dist::Sharding output_sharding(std::size_t) const override { return dist::Sharding::split(1); }
+  std::shared_ptr<dist::Mesh> mesh_;
+};
+FLEX_MODULE(OwnShard);
+
+TEST(TensorParallel, AUsersOwnModuleDeclaresItsSharding) {
+  if (g_shape.tp == 1 || g_shape.pp > 1 || g_shape.dp > 1) GTEST_SKIP() << "for tensor-parallel meshes";
+  OwnShard module(dist::Mesh::create(g_shape));
+  FlexModel fm(module, FlexModelOptions().tp(g_shape.tp));
+  fm.register_forward_hook(HookFunction("", {}, [](const torch::Tensor& x) { return x + 1; }));
+  torch::NoGradGuard no_grad;
+  const auto x = torch::arange(24, torch::kFloat).view({2, 12});
+  const auto local = fm.forward(x);
+  EXPECT_TRUE(torch::equal(local, (x * 3 + 1).chunk(g_shape.tp, 1)[mesh_rank_of_tp()]));
+  if (dist::world_rank() == 0) EXPECT_TRUE(torch::equal(fm.outputs().at("(root)")[0], x * 3));
 }
 
 TEST_F(ParallelGPTTest, ANameOnNoStageIsAnErrorOnEveryRank) {
