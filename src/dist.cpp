@@ -43,7 +43,6 @@ const World& the_world() {
         if (!finalised) MPI_Finalize();
       });
     }
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     MPI_Comm_rank(MPI_COMM_WORLD, &made.rank);
     MPI_Comm_size(MPI_COMM_WORLD, &made.size);
     made.mpi = true;
@@ -231,9 +230,9 @@ class LocalCommunicator final : public Communicator {
   void barrier() override {}
 };
 
-std::shared_ptr<Communicator> split(int color, int key) {
+std::shared_ptr<Communicator> split(MPI_Comm parent, int color, int key) {
   MPI_Comm comm = MPI_COMM_NULL;
-  check_mpi(MPI_Comm_split(MPI_COMM_WORLD, color, key, &comm), "MPI_Comm_split");
+  check_mpi(MPI_Comm_split(parent, color, key, &comm), "MPI_Comm_split");
   return std::make_shared<MpiCommunicator>(comm);
 }
 
@@ -267,10 +266,16 @@ std::shared_ptr<Mesh> Mesh::create(MeshShape shape) {
     return mesh;
   }
   const auto tp = mesh->tp_rank_, pp = mesh->pp_rank_, dp = mesh->dp_rank_;
-  mesh->world_ = std::make_shared<MpiCommunicator>(MPI_COMM_WORLD);
-  mesh->tp_ = split(static_cast<int>(pp * shape.dp + dp), static_cast<int>(tp));
-  mesh->dp_ = split(static_cast<int>(pp * shape.tp + tp), static_cast<int>(dp));
-  mesh->pp_ = split(static_cast<int>(dp * shape.tp + tp), static_cast<int>(pp));
+  // The mesh's own copy of the world, which returns errors to the library;
+  // the program's MPI_COMM_WORLD keeps its error handler. Groups split from
+  // the copy inherit that handler.
+  MPI_Comm world_copy = MPI_COMM_NULL;
+  MPI_Comm_dup(MPI_COMM_WORLD, &world_copy);
+  MPI_Comm_set_errhandler(world_copy, MPI_ERRORS_RETURN);
+  mesh->world_ = std::make_shared<MpiCommunicator>(world_copy);
+  mesh->tp_ = split(world_copy, static_cast<int>(pp * shape.dp + dp), static_cast<int>(tp));
+  mesh->dp_ = split(world_copy, static_cast<int>(pp * shape.tp + tp), static_cast<int>(dp));
+  mesh->pp_ = split(world_copy, static_cast<int>(dp * shape.tp + tp), static_cast<int>(pp));
   return mesh;
 }
 
@@ -278,7 +283,7 @@ void abort_world(const std::string& message) {
   logger()->critical("rank {}: {}; ending every rank", the_world().rank, message);
   logger()->flush();
   if (the_world().mpi) MPI_Abort(MPI_COMM_WORLD, 1);
-  std::exit(1);
+  std::abort();  // MPI_Abort does not return; a world without MPI is one process
 }
 
 }  // namespace flexmodel::dist

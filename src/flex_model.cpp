@@ -665,8 +665,18 @@ FlexModelBase::FlexModelBase(std::shared_ptr<detail::ModelAdapter> adapter, Flex
     : adapter_(std::move(adapter)), options_(options), state_(std::make_unique<ModelState>()) {
   const dist::MeshShape shape{options_.tensor_parallel_size, options_.pipeline_parallel_size,
                               options_.data_parallel_size};
-  // Sizes (1, 1, 1) keep a FlexModel local to its process, even under mpirun.
-  if (shape.size() != 1) state_->mesh = dist::Mesh::create(shape);
+  if (options_.mesh_to_use != nullptr) {
+    const dist::MeshShape& given = options_.mesh_to_use->shape();
+    FLEXMODEL_CHECK(shape.size() == 1 || (shape.tp == given.tp && shape.pp == given.pp && shape.dp == given.dp),
+                    ConfigError, "FlexModelOptions: sizes tp ", shape.tp, ", pp ", shape.pp, ", dp ", shape.dp,
+                    " differ from the given mesh's (", given.tp, ", ", given.pp, ", ", given.dp,
+                    "); give the mesh alone, its shape sets them");
+    options_.tp(given.tp).pp(given.pp).dp(given.dp);
+    state_->mesh = options_.mesh_to_use;
+  } else if (shape.size() != 1) {
+    // Sizes (1, 1, 1) keep a FlexModel local to its process, even under mpirun.
+    state_->mesh = dist::Mesh::create(shape);
+  }
   state_->keep_outputs = options_.keep_outputs;
   state_->adapter = adapter_.get();
 }
@@ -690,6 +700,7 @@ FlexModelBase::~FlexModelBase() {
 }
 
 SaveContext& FlexModelBase::save_ctx() { return state_->save_ctx; }
+const std::shared_ptr<dist::Mesh>& FlexModelBase::mesh() const { return state_->mesh; }
 const TrainableModules& FlexModelBase::trainable_modules() const { return state_->trainable_modules; }
 OutputMap& FlexModelBase::outputs() { return state_->outputs; }
 const OutputMap& FlexModelBase::outputs() const { return state_->outputs; }

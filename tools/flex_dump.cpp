@@ -337,7 +337,8 @@ int run(int argc, char** argv) {
   const auto full = flexmodel::models::gpt_from_torchscript(module, "'" + settings.model_path + "'", settings.heads);
   const auto mesh = flexmodel::dist::Mesh::create({settings.tp, settings.pp, dp});
   flexmodel::parallel::ParallelGPT sharded(*full, mesh);
-  flexmodel::FlexModel fm(sharded, options);
+  // One mesh, one set of communicators, for the layers and the hooks.
+  flexmodel::FlexModel fm(sharded, flexmodel::FlexModelOptions(options).mesh(mesh));
   // The layers declare how their activations are split, so hooks gather them
   // without an expected shape.
   register_on_every_stage(fm, settings);

@@ -34,6 +34,10 @@
 
 namespace flexmodel {
 
+namespace dist {
+class Mesh;
+}
+
 inline constexpr const char* kAllGroup = "all";
 
 // Which hook groups a forward runs: the union of `names`, or every hook
@@ -68,6 +72,16 @@ struct FlexModelOptions {
   }
   FlexModelOptions& dp(std::int64_t size) {
     data_parallel_size = size;
+    return *this;
+  }
+
+  // A mesh made by dist::Mesh::create, to share one set of communicators
+  // between several FlexModels (and the program's own parallel layers); its
+  // shape is the parallel sizes. Without one, a FlexModel with sizes other
+  // than (1, 1, 1) creates its own.
+  std::shared_ptr<dist::Mesh> mesh_to_use;
+  FlexModelOptions& mesh(std::shared_ptr<dist::Mesh> shared) {
+    mesh_to_use = std::move(shared);
     return *this;
   }
 
@@ -187,6 +201,8 @@ class FlexModelBase {
   void restore();
 
   const FlexModelOptions& options() const { return options_; }
+  // The mesh this FlexModel runs on; null in a single process.
+  const std::shared_ptr<dist::Mesh>& mesh() const;
   std::int64_t forwards_run() const;
 
  protected:

@@ -6,6 +6,8 @@
 
 #include <cstdlib>
 
+#include <mpi.h>
+
 #include "flexmodel/dist.h"
 #include "flexmodel/flexmodel.h"
 #include "flexmodel/hooks/editing.h"
@@ -345,6 +347,36 @@ TEST(Communicators, AKeptGatherResultIsNeverOverwritten) {
   }
   EXPECT_TRUE(torch::equal(kept, whole(0)));
   if (world.rank() == 0) EXPECT_TRUE(torch::equal(kept_on_root, whole(0.5)));
+}
+
+// One mesh serves the layers and several FlexModels; the program's
+// MPI_COMM_WORLD keeps the error handler it had.
+TEST(Mesh, OneMeshServesSeveralFlexModelsAndTheWorldKeepsItsErrorHandler) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(0);
+  models::GPT full(small_gpt());
+  full->eval();
+  const auto mesh = dist::Mesh::create(g_shape);
+  parallel::ParallelGPT first(*full, mesh), second(*full, mesh);
+  FlexModel a(first, FlexModelOptions().mesh(mesh)), b(second, FlexModelOptions().mesh(mesh));
+  EXPECT_EQ(a.mesh().get(), mesh.get());
+  EXPECT_EQ(b.mesh().get(), mesh.get());
+  EXPECT_EQ(a.options().tensor_parallel_size, g_shape.tp);
+  for (auto* fm : {&a, &b}) fm->register_forward_hook(HookFunction("layers.1.mlp.fc_in"));
+  const auto tokens = torch::randint(0, 64, {4, 8});
+  const auto from_a = a.forward(tokens);
+  const auto from_b = b.forward(tokens);
+  if (dist::world_rank() == 0) {
+    EXPECT_TRUE(torch::equal(from_a, from_b));
+    EXPECT_TRUE(torch::equal(a.outputs().at("layers.1.mlp.fc_in")[0], b.outputs().at("layers.1.mlp.fc_in")[0]));
+  }
+  EXPECT_THROW(FlexModel(first, FlexModelOptions().mesh(mesh).tp(g_shape.tp + 1)), ConfigError);
+  if (dist::launched_by_mpi()) {
+    MPI_Errhandler handler;
+    MPI_Comm_get_errhandler(MPI_COMM_WORLD, &handler);
+    EXPECT_TRUE(handler == MPI_ERRORS_ARE_FATAL) << "flexmodel changed MPI_COMM_WORLD's error handler";
+    MPI_Errhandler_free(&handler);
+  }
 }
 
 TEST(Mesh, AWorldOfTheWrongSizeIsAnErrorBeforeAnyCollective) {
