@@ -42,11 +42,11 @@ struct HookRecord : std::enable_shared_from_this<HookRecord> {
   std::size_t index = kUnindexed;
   bool fired = false;
   // Data parallelism: what this hook's tensor is, firing by firing within a
-  // forward, found from the calibration forward (see DataParallelRows).
+  // forward, found from the calibration forward (see dp_splits_rows).
   std::vector<std::vector<std::int64_t>> calibration_shapes;
   std::vector<char> split_rows;  // per firing: 1 split by rows over dp ranks, 0 the same on every rank
   bool calibrated = false;
-  std::int64_t firing_step = -1;
+  std::uint64_t firing_forward = 0;  // ModelState::forward_serial of the firings counted
   std::size_t firings = 0;
   bool warned_unfired = false;
   bool remote = false;  // its module lives on another pipeline stage
@@ -146,6 +146,7 @@ struct ModelState {
   // Data parallelism: the calibration forward (one more row than the real
   // one) runs with hooks that only note the shapes they see.
   bool calibrating = false;
+  std::uint64_t forward_serial = 0;  // counts forwards begun, failed ones too
   std::int64_t local_rows = 0;
   std::vector<std::vector<std::int64_t>> output_calibration_shapes;
   std::vector<char> output_split_rows;
@@ -353,8 +354,8 @@ bool rows_split(std::size_t rows, const std::vector<std::int64_t>& calibration, 
 
 bool dp_splits_rows(ModelState& state, HookRecord& record, const torch::Tensor& local) {
   if (record.type != HookType::forward && record.type != HookType::forward_pre) return local.dim() > 0;
-  if (record.firing_step != state.step) {
-    record.firing_step = state.step;
+  if (record.firing_forward != state.forward_serial) {
+    record.firing_forward = state.forward_serial;
     record.firings = 0;
   }
   const std::size_t firing = record.firings++;
@@ -405,6 +406,9 @@ Route route_of(const HookRecord& record, const torch::Tensor& local, const dist:
     const std::int64_t d = *declared.dim < 0 ? *declared.dim + local.dim() : *declared.dim;
     FLEXMODEL_CHECK(d >= 0 && d < local.dim(), ShapeError, hook_label(record), ": its module declares the tensor split "
                     "along dimension ", *declared.dim, " but it has ", local.dim(), "; fix the module's declaration");
+    FLEXMODEL_CHECK(declared.blocks >= 1 && local.size(d) % declared.blocks == 0, ShapeError, hook_label(record),
+                    ": its module declares dimension ", d, " as ", declared.blocks, " blocks but its local size is ",
+                    local.size(d), "; fix the module's declaration");
     route.tp_dim = d;
     route.blocks = declared.blocks;
   }
@@ -454,10 +458,11 @@ void apply_hook_locally(ModelState& state, HookRecord& record, torch::Tensor& te
 void apply_hook_distributed(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::size_t leaf,
                             std::int64_t step, bool in_forward) {
   const dist::Mesh& mesh = *state.mesh;
-  const bool split_rows = mesh.shape().dp > 1 && record.type != HookType::tensor && dp_splits_rows(state, record, tensor);
   // Shapes are alike on every rank of a stage, so a route error is raised on each.
+  bool split_rows = false;
   const Route route = [&] {
     try {
+      split_rows = mesh.shape().dp > 1 && record.type != HookType::tensor && dp_splits_rows(state, record, tensor);
       return route_of(record, tensor, mesh, split_rows, declared_sharding(record, leaf));
     } catch (const Error&) {
       g_error_raised_on_every_rank = true;
@@ -561,9 +566,8 @@ void attach_gradient_hook(HookRecord& record, torch::Tensor& tensor, std::size_t
   });
 }
 
-// Calls `apply` on the leaf the hook's unpack_idx names, or on every defined leaf.
+// Calls `apply(tensor, leaf index)` on the leaf the hook's unpack_idx names, or on every defined leaf.
 template <class Apply>
-// `apply(tensor, leaf index)`.
 void for_each_chosen_leaf(const ActiveHook& hook, TensorLeaves& leaves, Apply&& apply) {
   if (hook.unpack_idx != HookFunction::kAllLeaves) {
     if (hook.unpack_idx >= leaves.size() || !leaves[hook.unpack_idx]->defined()) fail_unpack(*hook.record, leaves);
@@ -890,12 +894,29 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
                                                          EditingFunction editing_function, std::size_t unpack_idx,
                                                          HookType type) {
   FLEXMODEL_CHECK(group != kAllGroup, ConfigError, "create_hook_group: group 'all' is reserved (every hook is in it)");
-  HookPointSelection selection = select_hook_points(pattern, type);
+  const bool staged = state_->distributed() && state_->mesh->shape().pp > 1;
+  HookPointSelection selection;
+  std::string failure;
+  try {
+    selection = select_hook_points(pattern, type);
+  } catch (const Error& error) {
+    if (!staged) throw;
+    failure = error.what();
+  }
+  if (staged) {
+    // A stage that cannot select tells the others before they wait in the exchange below.
+    const auto failed = state_->mesh->world().all_gather_ints(failure.empty() ? 0 : 1);
+    if (std::any_of(failed.begin(), failed.end(), [](std::int64_t flag) { return flag != 0; })) {
+      if (!failure.empty()) throw ConfigError(failure);
+      FLEXMODEL_FAIL(ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
+                     " failed on another pipeline stage (its rank logs why)");
+    }
+  }
   for (const auto& [name, reason] : selection.skipped) {
     logger()->info("create_hook_group('{}'): {} skips '{}', which {}", group, pattern.describe(), name, reason);
   }
   std::vector<std::string>& matches = selection.names;
-  if (state_->distributed() && state_->mesh->shape().pp > 1) {
+  if (staged) {
     // Each stage matches its own modules; every rank registers the union, in stage order.
     std::string local_names;
     for (const auto& name : matches) local_names += name + '\n';
@@ -1270,6 +1291,7 @@ FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& gr
                     violations);
   }
   apply_selection(state_, groups);
+  ++state_.forward_serial;
   detail::g_failing_module = nullptr;
   state_.in_forward = true;
   state_.pending.clear();
@@ -1365,7 +1387,7 @@ bool FlexModelBase::ForwardScope::needs_calibration() const {
 void FlexModelBase::ForwardScope::begin_calibration(detail::TensorLeaves& inputs) {
   for (std::size_t i : split_inputs_) *inputs[i] = torch::cat({*inputs[i], inputs[i]->narrow(0, 0, 1)});
   for (detail::HookRecord* record : state_.records) {
-    if (record->calibrated) continue;
+    if (record->calibrated || !state_.is_active(*record)) continue;
     record->calibration_shapes.clear();
     record->split_rows.clear();
   }
@@ -1374,7 +1396,9 @@ void FlexModelBase::ForwardScope::begin_calibration(detail::TensorLeaves& inputs
 
 void FlexModelBase::ForwardScope::end_calibration(detail::TensorLeaves& outputs) {
   state_.calibrating = false;
-  for (detail::HookRecord* record : state_.records) record->calibrated = true;
+  for (detail::HookRecord* record : state_.records) {
+    if (state_.is_active(*record)) record->calibrated = true;
+  }
   if (!state_.outputs_calibrated) {
     state_.output_calibration_shapes.clear();
     for (const torch::Tensor* output : outputs) {
@@ -1402,8 +1426,15 @@ void FlexModelBase::ForwardScope::gather_batch(detail::TensorLeaves& outputs) co
                                              ? 1
                                              : 0);
     }
-    // An output without rows is the same on every rank: each keeps its own.
-    if (!output->defined() || output->dim() == 0 || state_.output_split_rows[i] == 0) continue;
+    if (!output->defined()) continue;
+    if (state_.output_split_rows[i] == 0 || output->dim() == 0) {
+      // An output without rows must be the same on every rank: each keeps its own.
+      detail::check_same_across(dp_group, *output,
+                                detail::concat("output ", i, " of the model ", output->sizes(),
+                                               " has no rows but differs across data-parallel ranks, so it depends "
+                                               "on the batch; run with dp 1"));
+      continue;
+    }
     if (!(torch::GradMode::is_enabled() && output->requires_grad())) {
       torch::Tensor whole = dp_group.gather(*output, 0, 0);
       if (dp_group.rank() == 0) *output = whole;

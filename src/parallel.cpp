@@ -16,8 +16,12 @@ std::int64_t shard_of(std::int64_t full, const dist::Mesh& mesh, const char* wha
 }  // namespace
 
 ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features,
-                                                   std::int64_t out_features, bool with_bias, bool gather_output)
-    : mesh_(std::move(mesh)), gather_output_(gather_output) {
+                                                   std::int64_t out_features, bool with_bias, bool gather_output,
+                                                   std::int64_t blocks)
+    : mesh_(std::move(mesh)), gather_output_(gather_output), blocks_(blocks) {
+  FLEXMODEL_CHECK(blocks >= 1 && out_features % blocks == 0, ConfigError, "ColumnParallelLinear: out_features ",
+                  out_features, " is not ", blocks, " equal blocks");
+  shard_of(out_features / blocks, *mesh_, "ColumnParallelLinear: a block's out_features");
   const auto rows = shard_of(out_features, *mesh_, "ColumnParallelLinear: out_features");
   weight = register_parameter("weight", torch::empty({rows, in_features}));
   if (with_bias) bias = register_parameter("bias", torch::zeros({rows}));
@@ -28,17 +32,15 @@ torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
   return gather_output_ ? mesh_->tp_group().all_gather(local, -1 + local.dim()) : local;
 }
 
-void ColumnParallelLinearImpl::load_full(const torch::Tensor& full_weight, const torch::Tensor& full_bias,
-                                         std::int64_t blocks) {
+void ColumnParallelLinearImpl::load_full(const torch::Tensor& full_weight, const torch::Tensor& full_bias) {
   torch::NoGradGuard no_grad;
   auto pick = [&](const torch::Tensor& full) {
     std::vector<torch::Tensor> parts;
-    for (const auto& block : full.chunk(blocks, 0)) parts.push_back(block.chunk(mesh_->shape().tp, 0)[mesh_->tp_rank()]);
+    for (const auto& block : full.chunk(blocks_, 0)) parts.push_back(block.chunk(mesh_->shape().tp, 0)[mesh_->tp_rank()]);
     return torch::cat(parts, 0);
   };
   weight.copy_(pick(full_weight));
   if (bias.defined() && full_bias.defined()) bias.copy_(pick(full_bias));
-  blocks_ = blocks;
 }
 
 dist::Sharding ColumnParallelLinearImpl::output_sharding(std::size_t) const {
@@ -104,7 +106,8 @@ dist::Sharding ShardedGELUImpl::output_sharding(std::size_t) const { return dist
 
 ParallelAttentionImpl::ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options)
     : local_heads_(shard_of(options.n_heads(), *mesh, "ParallelAttention: n_heads")) {
-  qkv = register_module("qkv", ColumnParallelLinear(mesh, options.d_model(), 3 * options.d_model()));
+  qkv = register_module("qkv", ColumnParallelLinear(mesh, options.d_model(), 3 * options.d_model(), /*bias=*/true,
+                                                    /*gather_output=*/false, /*blocks=*/3));
   proj = register_module("proj", RowParallelLinear(mesh, options.d_model(), options.d_model()));
 }
 
@@ -168,7 +171,7 @@ ParallelGPTImpl::ParallelGPTImpl(const models::GPTImpl& full, std::shared_ptr<di
     ParallelBlock block(mesh_, options_);
     copy_layer_norm(*block->ln_1, *source.ln_1);
     copy_layer_norm(*block->ln_2, *source.ln_2);
-    block->attn->qkv->load_full(source.attn->qkv->weight, source.attn->qkv->bias, /*blocks=*/3);
+    block->attn->qkv->load_full(source.attn->qkv->weight, source.attn->qkv->bias);
     block->attn->proj->load_full(source.attn->proj->weight, source.attn->proj->bias);
     block->mlp->fc_in->load_full(source.mlp->fc_in->weight, source.mlp->fc_in->bias);
     block->mlp->fc_out->load_full(source.mlp->fc_out->weight, source.mlp->fc_out->bias);

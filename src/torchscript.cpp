@@ -351,7 +351,10 @@ class ScriptAdapter final : public ModelAdapter {
     }
     if (facts_.called.count(name) == 0) {
       return concat("(", type, ") is never called by the model's forward, so its hooks could never fire",
-                    reader == facts_.tensors_read_by.end() ? std::string(" (it is unused)") : only_tensors);
+                    reader == facts_.tensors_read_by.end()
+                        ? std::string(" (it is unused, or called through an interface or a dynamic index that "
+                                      "the library cannot follow)")
+                        : only_tensors);
     }
     return {};
   }
@@ -449,7 +452,6 @@ class ScriptAdapter final : public ModelAdapter {
     // repeat. A hooked call that is itself inlined keeps its operators around
     // the inlined body.
     std::unordered_set<const jit::Node*> instrumented;
-    std::map<std::string, std::size_t> sites_of;
     while (true) {
       ModulePaths paths = module_paths(*graph);
       std::vector<std::tuple<jit::Node*, const HookPointUse*, std::vector<bool>>> new_sites;
@@ -463,7 +465,6 @@ class ScriptAdapter final : public ModelAdapter {
       for (const auto& [call, use, kept] : new_sites) {
         instrument_call(*graph, call, *use, kept);
         instrumented.insert(call);
-        ++sites_of[use->name];
       }
       jit::Node* call = call_towards(*graph, uses_);
       if (call == nullptr) break;
@@ -471,13 +472,6 @@ class ScriptAdapter final : public ModelAdapter {
       auto callee_type = call->input(0)->type()->expect<c10::ClassType>();
       auto& callee = torch::jit::toGraphFunction(callee_type->getMethod(call->s(jit::attr::name)));
       torch::jit::inlineCallTo(call, &callee, callee.graph().get());
-    }
-    for (const auto& use : uses_) {
-      if (sites_of.count(use.name) == 0) {
-        logger()->warn("module '{}' of {} is never called by forward through a path the library can follow "
-                       "(it may be called through an interface); its hooks will not fire",
-                       use.name, model_name_);
-      }
     }
     graph->lint();
     function_ = std::make_unique<torch::jit::GraphFunction>("flexmodel_forward", graph, nullptr);

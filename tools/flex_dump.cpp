@@ -165,10 +165,7 @@ void print_dry_run(const Request& request) {
   }
 }
 
-// After the first forward: a hook point named exactly that did not fire, or a
-// pattern none of whose hook points fired, is an error (no file is written
-// yet); hook points a wildcard selected that did not fire are listed.
-void check_fired(const flexmodel::FlexModelBase& fm, const Request& request) {
+void check_fired_here(const flexmodel::FlexModelBase& fm, const Request& request) {
   std::set<std::pair<std::string, flexmodel::HookType>> unfired;
   std::map<std::string, std::string> advice;
   for (const auto& [handle, why] : fm.unfired_hooks()) {
@@ -198,18 +195,48 @@ void check_fired(const flexmodel::FlexModelBase& fm, const Request& request) {
   }
 }
 
+// After the first forward: a hook point named exactly that did not fire, or a
+// pattern none of whose hook points fired, is an error (no file is written
+// yet); hook points a wildcard selected that did not fire are listed. With
+// pipeline stages each knows only its own hooks, so the ranks agree on the
+// outcome over `world` before any of them throws.
+void check_fired(const flexmodel::FlexModelBase& fm, const Request& request,
+                 flexmodel::dist::Communicator* world = nullptr) {
+  std::string failure;
+  try {
+    check_fired_here(fm, request);
+  } catch (const flexmodel::Error& error) {
+    if (world == nullptr) throw;
+    failure = error.what();
+  }
+  if (world == nullptr) return;
+  const auto failed = world->all_gather_ints(failure.empty() ? 0 : 1);
+  if (std::none_of(failed.begin(), failed.end(), [](std::int64_t flag) { return flag != 0; })) return;
+  if (!failure.empty()) throw flexmodel::ConfigError(failure);
+  throw flexmodel::ConfigError("a hook point of another pipeline stage did not fire in the first forward");
+}
+
+
 // A model split over pipeline stages registers collectively: each pattern's
 // union over the stages, every hook point once however many patterns select it.
-void register_on_every_stage(flexmodel::FlexModelBase& fm, const Settings& settings) {
-  std::set<std::pair<std::string, flexmodel::HookType>> registered;
+Request register_on_every_stage(flexmodel::FlexModelBase& fm, const Settings& settings) {
+  Request request;
+  std::map<std::pair<std::string, flexmodel::HookType>, std::size_t> index;
   for (auto [patterns, type] : {std::pair{&settings.hooks, flexmodel::HookType::forward},
                                 std::pair{&settings.pre_hooks, flexmodel::HookType::forward_pre}}) {
     for (const auto& pattern : split_patterns(*patterns)) {
       for (const auto& handle : fm.create_hook_group("dump", pattern, {}, {}, 0, type)) {
-        if (!registered.emplace(handle.module_name, type).second) fm.remove_hook(handle);
+        auto [slot, added] = index.emplace(std::pair{handle.module_name, type}, request.points.size());
+        if (added) {
+          request.points.push_back({handle.module_name, type, {}});
+        } else {
+          fm.remove_hook(handle);
+        }
+        request.points[slot->second].patterns.push_back(pattern);
       }
     }
   }
+  return request;
 }
 
 // Runs `forward` over the input batch by batch, streaming the "dump" group's
@@ -319,13 +346,14 @@ int run(int argc, char** argv) {
                   input.size(0) % settings.batch_size, " rows, not a multiple of --dp ", dp,
                   "; choose --batch-size so that it is");
 
+  if (settings.dry_run) {
+    // The file's module names are the sharded model's too.
+    if (flexmodel::dist::world_rank() == 0) print_dry_run(select(flexmodel::ScriptFlexModel(module), settings));
+    return 0;
+  }
   if (settings.tp == 1 && settings.pp == 1) {
     flexmodel::ScriptFlexModel fm(module, options);
     const Request request = select(fm, settings);
-    if (settings.dry_run) {
-      if (flexmodel::dist::world_rank() == 0) print_dry_run(request);
-      return 0;
-    }
     register_request(fm, request);
     auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, {batch}); };
     // One small forward first: a model that rejects the input, or a hook that
@@ -341,8 +369,10 @@ int run(int argc, char** argv) {
   flexmodel::FlexModel fm(sharded, flexmodel::FlexModelOptions(options).mesh(mesh));
   // The layers declare how their activations are split, so hooks gather them
   // without an expected shape.
-  register_on_every_stage(fm, settings);
+  const Request request = register_on_every_stage(fm, settings);
   auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, batch); };
+  forward(input.narrow(0, 0, dp));
+  check_fired(fm, request, &mesh->world());
   return dump(fm, forward, settings, input);
 }
 

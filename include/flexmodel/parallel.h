@@ -22,18 +22,19 @@
 namespace flexmodel::parallel {
 
 // y = x Wᵀ + b with W split by rows (output features) over the TP group; the
-// output stays split along its last dimension unless gather_output.
+// output stays split along its last dimension unless gather_output. With
+// `blocks` > 1 the output features are that many stacked blocks (q, k, v),
+// each split over the group.
 class ColumnParallelLinearImpl : public torch::nn::Module, public dist::TensorParallelModule {
  public:
   ColumnParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features, std::int64_t out_features,
-                           bool bias = true, bool gather_output = false);
+                           bool bias = true, bool gather_output = false, std::int64_t blocks = 1);
   torch::Tensor forward(const torch::Tensor& x);
-  // Takes this rank's rows of full [out, in] weight and [out] bias. With
-  // `blocks` > 1 the rows are that many stacked matrices (q, k, v), each split.
-  void load_full(const torch::Tensor& weight, const torch::Tensor& bias = {}, std::int64_t blocks = 1);
+  // Takes this rank's rows of full [out, in] weight and [out] bias, block by block.
+  void load_full(const torch::Tensor& weight, const torch::Tensor& bias = {});
 
-  // Output split along its last dimension (in load_full's blocks) unless
-  // gathered; weight and bias split along dim 0.
+  // Output split along its last dimension (in blocks) unless gathered;
+  // weight and bias split along dim 0.
   dist::Sharding output_sharding(std::size_t leaf) const override;
   dist::Sharding parameter_sharding(const std::string& name) const override;
 
@@ -42,7 +43,7 @@ class ColumnParallelLinearImpl : public torch::nn::Module, public dist::TensorPa
  private:
   std::shared_ptr<dist::Mesh> mesh_;
   bool gather_output_;
-  std::int64_t blocks_ = 1;
+  std::int64_t blocks_;
 };
 FLEX_MODULE(ColumnParallelLinear);
 
