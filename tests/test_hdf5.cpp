@@ -27,6 +27,10 @@
 #include <spdlog/sinks/ostream_sink.h>
 #include <torch/torch.h>
 
+#include <torch/autograd.h>
+
+#include "flexmodel/flex_model.h"
+#include "flexmodel/nn.h"
 #include "flexmodel/error.h"
 #include "flexmodel/io/hdf5_writer.h"
 #include "flexmodel/logging.h"
@@ -435,6 +439,47 @@ TEST(HDF5Writer, CloseCommitsWritesAfterTheLastEndStep) {
   EXPECT_EQ(writer.committed_steps(), 2);
   recorder.step_ended();
   EXPECT_EQ(run_python(script("check_file.py") + " " + recorder.save(dir, file, root, "open_step")), 0);
+}
+
+// A FlexModel's gradient captures (full_backward, full_backward_pre, a
+// parameter's) land in the step of the forward whose graph they come from,
+// each dataset with its own rows_per_step, bit for bit what autograd gives.
+TEST(HDF5Writer, GradientCapturesLandInTheStepOfTheirForward) {
+  TempDir dir;
+  const Root root;
+  torch::manual_seed(0);
+  flexmodel::nn::Sequential net(flexmodel::nn::Linear(4, 6), flexmodel::nn::Tanh(), flexmodel::nn::Linear(6, 3));
+  const auto& first = net->ptr<torch::nn::LinearImpl>(0);
+  const auto& last = net->ptr<torch::nn::LinearImpl>(2);
+  const std::string file = dir / "gradients.h5";
+  auto writer = std::make_shared<HDF5Writer>(file, options_of(root));
+  // What the file must hold, from autograd on the same weights without flexmodel.
+  HDF5Writer reference_writer(dir / "reference.h5", options_of(root));
+  Recorder expected(reference_writer);
+  FlexModel fm(net, FlexModelOptions().outputs(false));
+  fm.add_sink(writer);
+  fm.register_forward_hook(HookFunction("0"));
+  fm.register_full_backward_pre_hook(HookFunction("2"));  // the gradient of its output
+  fm.register_full_backward_hook(HookFunction("2"));      // the gradient of its input
+  fm.register_hook(HookFunction("0.weight"));
+  for (std::int64_t step = 0; step < 3; ++step) {
+    const auto x = torch::randn({step + 2, 4});
+    const auto hidden = torch::linear(x, first->weight, first->bias);
+    const auto activation = torch::tanh(hidden);
+    const auto y = torch::linear(activation, last->weight, last->bias);
+    const auto grads = torch::autograd::grad({y.pow(2).sum()}, {y, activation, first->weight});
+    expected.write("0", HookType::forward, hidden.detach());
+    expected.write("2", HookType::full_backward_pre, grads[0]);
+    expected.write("2", HookType::full_backward, grads[1]);
+    expected.write("0.weight", HookType::tensor, grads[2]);
+    expected.end_step();
+    net->zero_grad();
+    fm.forward(x).pow(2).sum().backward();
+  }
+  fm.close_sinks();
+  reference_writer.close();
+  EXPECT_TRUE(fm.outputs().empty());
+  EXPECT_EQ(run_python(script("check_file.py") + " " + expected.save(dir, file, root, "gradients")), 0);
 }
 
 TEST(HDF5Writer, RejectsWhatItCannotStore) {

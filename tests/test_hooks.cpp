@@ -3,6 +3,7 @@
 #include <spdlog/sinks/ostream_sink.h>
 
 #include "flexmodel/hooks/editing.h"
+#include "flexmodel/sink.h"
 #include "flexmodel/models/gpt.h"
 #include "test_models.h"
 
@@ -144,6 +145,98 @@ TEST_F(HookTest, ParameterGradientHooksSeeAndEditTheGradient) {
   EXPECT_TRUE(torch::allclose(net->fc2->weight.grad(), reference, 1e-6, 1e-7));
   EXPECT_TRUE(torch::equal(net->fc1->bias.grad(), torch::zeros({8})));
   EXPECT_GT(net->fc1->weight.grad().abs().sum().item<float>(), 0.0f);
+}
+
+// Records what a FlexModel hands its sinks, in order.
+struct RecordingSink : Sink {
+  struct Event {
+    std::string module_name;
+    HookType type;
+    std::int64_t step;
+    torch::Tensor snapshot;  // undefined for end_step
+  };
+  void write(const std::string& module_name, HookType type, std::int64_t step, const torch::Tensor& snapshot) override {
+    events.push_back({module_name, type, step, snapshot});
+  }
+  void end_step(std::int64_t step) override { events.push_back({"", HookType::forward, step, {}}); }
+  std::vector<Event> events;
+};
+
+TEST_F(HookTest, GradientCapturesReachTheSinksInTheStepOfTheirForward) {
+  FlexModel fm(net, FlexModelOptions().outputs(false));
+  auto sink = std::make_shared<RecordingSink>();
+  fm.add_sink(sink);
+  fm.register_forward_hook(HookFunction("fc2"));
+  fm.register_full_backward_pre_hook(HookFunction("fc2"));
+  fm.register_hook(HookFunction("fc1.weight"));
+  std::vector<torch::Tensor> fc2_grads, fc1_weight_grads;
+  for (int step = 0; step < 2; ++step) {
+    auto batch = x * (step + 1);
+    // Reference gradients, by autograd on the hand-written graph.
+    auto ref = compute_by_hand(*net, batch);
+    auto grads = torch::autograd::grad({ref.out.pow(2).sum()}, {ref.fc2, net->fc1->weight});
+    fc2_grads.push_back(grads[0]);
+    fc1_weight_grads.push_back(grads[1]);
+    net->zero_grad();
+    fm.forward(batch).pow(2).sum().backward();
+  }
+  fm.close_sinks();
+  // outputs(false): the sinks are the only destination, gradients included.
+  EXPECT_TRUE(fm.outputs().empty());
+  std::vector<std::string> order;
+  for (const auto& event : sink->events) {
+    order.push_back(event.snapshot.defined() ? event.module_name + "/" + std::string(to_string(event.type)) + "@" +
+                                                   std::to_string(event.step)
+                                             : "end " + std::to_string(event.step));
+  }
+  const std::vector<std::string> expected{
+      "fc2/forward@0", "fc2/full_backward_pre@0", "fc1.weight/tensor@0", "end 0",
+      "fc2/forward@1", "fc2/full_backward_pre@1", "fc1.weight/tensor@1", "end 1"};
+  ASSERT_EQ(order, expected);
+  for (int step = 0; step < 2; ++step) {
+    EXPECT_TRUE(torch::allclose(sink->events[4 * step + 1].snapshot, fc2_grads[step], 1e-6, 1e-6));
+    EXPECT_TRUE(torch::allclose(sink->events[4 * step + 2].snapshot, fc1_weight_grads[step], 1e-5, 1e-6));
+  }
+}
+
+TEST_F(HookTest, EndBackwardEndsTheStepAndALaterGradientIsAnError) {
+  FlexModel fm(net);
+  auto sink = std::make_shared<RecordingSink>();
+  fm.add_sink(sink);
+  fm.register_full_backward_pre_hook(HookFunction("fc2"));
+  auto first = fm.forward(x).sum();
+  // A backward twice through one graph captures twice, in the same step.
+  first.backward({}, /*retain_graph=*/true);
+  first.backward({}, /*retain_graph=*/true);
+  fm.end_backward();
+  ASSERT_EQ(sink->events.size(), 3u);
+  EXPECT_EQ(sink->events[1].step, 0);
+  EXPECT_FALSE(sink->events[2].snapshot.defined());  // end_step(0)
+  EXPECT_EQ(fm.outputs().at("fc2", HookType::full_backward_pre).size(), 2u);
+  // After its step ended, forward 0's graph has no step left in the sinks.
+  auto second = fm.forward(x * 2).sum();
+  const std::string message = error_of([&] { first.backward(); });
+  EXPECT_NE(message.find("hook on 'fc2' (full_backward_pre) captured a gradient of forward 0"), std::string::npos)
+      << message;
+  EXPECT_NE(message.find("call backward before the next forward"), std::string::npos) << message;
+  second.backward();
+  fm.close_sinks();
+  EXPECT_EQ(sink->events.back().step, 1);
+}
+
+TEST_F(HookTest, WithoutSinksALateBackwardStillReachesTheOutputMap) {
+  FlexModel fm(net);
+  fm.register_full_backward_pre_hook(HookFunction("fc2"));
+  auto first = fm.forward(x).sum();
+  auto second = fm.forward(x * 2).sum();
+  second.backward();
+  first.backward();
+  // The gradient of a sum through `side` (linear), the same for both forwards.
+  const auto expected = torch::ones({5, 3}).mm(net->side->weight);
+  const auto& captured = fm.outputs().at("fc2", HookType::full_backward_pre);
+  ASSERT_EQ(captured.size(), 2u);
+  EXPECT_TRUE(torch::allclose(captured[0], expected, 1e-6, 1e-6));
+  EXPECT_TRUE(torch::allclose(captured[1], expected, 1e-6, 1e-6));
 }
 
 TEST_F(HookTest, TrainableProbeLearnsThroughAnEditingFunction) {

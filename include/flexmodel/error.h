@@ -12,6 +12,16 @@ namespace flexmodel {
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+
+  // Under a mesh: every rank of the failing pipeline stage raised this error
+  // at the same point, so none waits in a collective, and with one stage the
+  // program may catch it and run the next forward. Any other error that
+  // leaves a forward or a backward under a mesh ends every rank.
+  bool raised_on_every_rank() const noexcept { return every_rank_; }
+  void mark_raised_on_every_rank() noexcept { every_rank_ = true; }
+
+ private:
+  bool every_rank_ = false;
 };
 
 // A request that cannot be honoured as configured (unknown module, group, option).

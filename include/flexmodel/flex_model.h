@@ -193,6 +193,17 @@ class FlexModelBase {
   void add_sink(std::shared_ptr<Sink> sink);
   void close_sinks();
 
+  // Gradient captures (full_backward, full_backward_pre and parameter hooks)
+  // belong to the step of the forward whose graph they come from: when the
+  // forward's hooks capture gradients, its step in the sinks stays open until
+  // end_backward(), which the next forward and close_sinks() call when the
+  // program has not. Under pp it is collective (every rank calls it, after
+  // the backward): the stages' gradient captures reach rank 0 there, stage
+  // by stage, each stage's in the order they fired. A gradient captured after
+  // its step ended (a backward run after the next forward) is a HookError
+  // when there are sinks, and reaches the output map otherwise.
+  void end_backward();
+
   // Captured activations: (module name, hook type) → one tensor per forward.
   OutputMap& outputs();
   const OutputMap& outputs() const;

@@ -3,7 +3,8 @@
 # Passes when the run ends, non-zero and with the expected message (the
 # editing function's, or EXPECTED_MESSAGE), within 60 s: every rank ended (the
 # failing stage's ranks report the message, a rank of another stage is ended
-# by the world's abort).
+# by the world's abort). With EXPECTED_REPORTS=K, at least K ranks must report
+# "ended: ...<message>" themselves (the error reached them, not only the abort).
 set -u
 np=$1
 shift
@@ -17,4 +18,7 @@ if ((status == 0)); then echo "FAIL: the run succeeded"; exit 1; fi
 needle=${EXPECTED_MESSAGE:-probe diverged}
 reported=$(grep -c -- "$needle" <<<"$output")
 if ((reported == 0)); then echo "FAIL: no rank reported '$needle'"; exit 1; fi
+wanted=${EXPECTED_REPORTS:-0}
+ended=$(grep -c -- "ended: .*$needle" <<<"$output")
+if ((ended < wanted)); then echo "FAIL: $ended rank(s) reported the error, expected $wanted"; exit 1; fi
 echo "PASS: all $np ranks ended in ${elapsed} s; $reported lines carry the message"

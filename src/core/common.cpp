@@ -19,7 +19,7 @@
 #include "flexmodel/nn.h"
 #include "flexmodel/output_map.h"
 #include "flexmodel/pattern.h"
-#include "detail/snapshot.h"
+#include "core/snapshot.h"
 
 namespace flexmodel {
 

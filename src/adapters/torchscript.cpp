@@ -15,7 +15,7 @@
 #include <torch/csrc/jit/runtime/custom_operator.h>
 
 #include "flexmodel/logging.h"
-#include "detail/model_adapter.h"
+#include "adapters/model_adapter.h"
 
 namespace flexmodel {
 namespace detail {

@@ -1,0 +1,54 @@
+#include "dist/wire.h"
+
+namespace flexmodel::detail {
+namespace {
+
+constexpr std::int64_t kFixedHeader = 5;  // name length, type, step, dtype, dims
+
+void send_long(dist::Communicator& group, std::int64_t value, int destination) {
+  group.send(torch::tensor(value), destination);
+}
+
+std::int64_t receive_long(dist::Communicator& group, int source) {
+  torch::Tensor value = torch::empty({}, torch::kLong);
+  group.recv(value, source);
+  return value.item<std::int64_t>();
+}
+
+}  // namespace
+
+void send_captures(dist::Communicator& group, const std::vector<WireCapture>& captures, int destination) {
+  send_long(group, static_cast<std::int64_t>(captures.size()), destination);
+  for (const auto& capture : captures) {
+    const torch::Tensor tensor = capture.tensor.contiguous();
+    std::vector<std::int64_t> header{static_cast<std::int64_t>(capture.name.size()),
+                                     static_cast<std::int64_t>(capture.type), capture.step,
+                                     static_cast<std::int64_t>(tensor.scalar_type()), tensor.dim()};
+    for (auto size : tensor.sizes()) header.push_back(size);
+    send_long(group, static_cast<std::int64_t>(header.size()), destination);
+    group.send(torch::tensor(header), destination);
+    std::string name = capture.name;
+    group.send(torch::from_blob(name.data(), {static_cast<std::int64_t>(name.size())}, torch::kUInt8), destination);
+    group.send(tensor, destination);
+  }
+}
+
+std::vector<WireCapture> receive_captures(dist::Communicator& group, int source) {
+  std::vector<WireCapture> captures(static_cast<std::size_t>(receive_long(group, source)));
+  for (auto& capture : captures) {
+    torch::Tensor header = torch::empty({receive_long(group, source)}, torch::kLong);
+    group.recv(header, source);
+    const auto* fields = header.data_ptr<std::int64_t>();
+    capture.name.assign(static_cast<std::size_t>(fields[0]), '\0');
+    torch::Tensor name_bytes = torch::from_blob(capture.name.data(), {fields[0]}, torch::kUInt8);
+    group.recv(name_bytes, source);
+    capture.type = static_cast<HookType>(fields[1]);
+    capture.step = fields[2];
+    capture.tensor = torch::empty(c10::IntArrayRef(fields + kFixedHeader, static_cast<std::size_t>(fields[4])),
+                                  torch::TensorOptions().dtype(static_cast<c10::ScalarType>(fields[3])));
+    group.recv(capture.tensor, source);
+  }
+  return captures;
+}
+
+}  // namespace flexmodel::detail
