@@ -9,10 +9,14 @@
 // layers declare their sharding, so every activation is written whole.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <csignal>
+#include <cstring>
 #include <cstdlib>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -239,15 +243,116 @@ Request register_on_every_stage(flexmodel::FlexModelBase& fm, const Settings& se
   return request;
 }
 
+// FNV-1a over bytes.
+std::uint64_t fingerprint(const void* data, std::size_t size, std::uint64_t hash = 1469598103934665603ull) {
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < size; ++i) hash = (hash ^ bytes[i]) * 1099511628211ull;
+  return hash;
+}
+
+std::uint64_t fingerprint(const std::string& text) { return fingerprint(text.data(), text.size()); }
+
+// The model file's size and its first and last MiB: enough to tell two models apart cheaply.
+std::uint64_t file_fingerprint(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  const auto size = static_cast<std::uint64_t>(std::filesystem::file_size(path));
+  std::string head(static_cast<std::size_t>(std::min<std::uint64_t>(size, 1 << 20)), '\0');
+  file.read(head.data(), static_cast<std::streamsize>(head.size()));
+  std::string tail(head.size(), '\0');
+  file.seekg(static_cast<std::streamoff>(size - tail.size()));
+  file.read(tail.data(), static_cast<std::streamsize>(tail.size()));
+  return fingerprint(tail.data(), tail.size(), fingerprint(head.data(), head.size(), fingerprint(&size, sizeof size)));
+}
+
+// Every rank must run the same job: a wrapper that hands ranks other
+// arguments would write one rank's rows under another's names. The ranks
+// compare fingerprints of each part of the job before the first forward, and
+// every rank fails naming the first part that differs.
+void check_ranks_agree(flexmodel::dist::Communicator& world, const Settings& settings, const torch::Tensor& input) {
+  const torch::Tensor bytes = input.contiguous();
+  const std::string shape = flexmodel::detail::concat(input.sizes(), " ", input.scalar_type());
+  const std::vector<std::pair<const char*, std::uint64_t>> parts{
+      {"the model (--model)", file_fingerprint(settings.model_path)},
+      {"--hooks", fingerprint(settings.hooks)},
+      {"--pre-hooks", fingerprint(settings.pre_hooks)},
+      {"--batch-size", static_cast<std::uint64_t>(settings.batch_size)},
+      {"--tp/--pp/--dp", fingerprint(flexmodel::detail::concat(settings.tp, ",", settings.pp, ",", settings.dp))},
+      {"the input's shape and dtype (--input)", fingerprint(shape)},
+      {"the input's values (--input)", fingerprint(bytes.data_ptr(), bytes.nbytes())}};
+  for (const auto& [what, hash] : parts) {
+    const auto all = world.all_gather_ints(static_cast<std::int64_t>(hash));
+    const auto other = std::find_if(all.begin(), all.end(), [&](std::int64_t h) { return h != all.front(); });
+    FLEXMODEL_CHECK(other == all.end(), flexmodel::ConfigError, "the ranks disagree on ", what, ": rank ",
+                    other - all.begin(), "'s differs from rank 0's; give every rank the same arguments and files");
+  }
+}
+
+// Token ids must index the model's embeddings: every id of an integer input
+// is checked against the largest nn.Embedding before any file exists (a
+// position embedding is smaller, and is not indexed by the input). The
+// message names the first row that holds an id out of range.
+void check_token_ids(const torch::jit::Module& module, const torch::Tensor& input, const std::string& path) {
+  if (!c10::isIntegralType(input.scalar_type(), /*includeBool=*/false)) return;
+  std::string largest;
+  std::int64_t rows = 0;
+  for (const auto& item : module.named_modules()) {
+    const auto name = item.value.type()->name();
+    if (!name || name->qualifiedName() != "__torch__.torch.nn.modules.sparse.Embedding" ||
+        !item.value.hasattr("weight")) {
+      continue;
+    }
+    const std::int64_t size = item.value.attr("weight").toTensor().size(0);
+    if (size > rows) std::tie(largest, rows) = std::make_pair(item.name, size);
+  }
+  if (rows == 0) return;
+  const torch::Tensor bad = (input < 0).logical_or(input >= rows).flatten(1).any(1);
+  if (!bad.any().item<bool>()) return;
+  const std::int64_t row = bad.nonzero()[0][0].item<std::int64_t>();
+  const torch::Tensor ids = input[row].flatten();
+  const torch::Tensor wrong = ids.masked_select((ids < 0).logical_or(ids >= rows));
+  FLEXMODEL_FAIL(flexmodel::ShapeError, "'", path, "' row ", row, " holds token id ", wrong[0].item<std::int64_t>(),
+                 ", outside the ", rows, " rows of the model's embedding '", largest, "'; nothing was written");
+}
+
+// SIGINT, SIGTERM and SIGHUP stop the dump between two forwards: the steps
+// written so far are committed and the file closed, then flex-dump exits
+// 128 + the signal. SIGXFSZ (a file-size limit) is ignored, so that the write
+// fails like a full disk, with a message.
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+void install_signal_handlers() {
+  for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
+    struct sigaction action {};
+    action.sa_handler = [](int received) { g_stop_signal = received; };
+    sigemptyset(&action.sa_mask);
+    ::sigaction(signal, &action, nullptr);
+  }
+  std::signal(SIGXFSZ, SIG_IGN);
+}
+
+// The signal every rank stops for (0: none): under mpirun the ranks agree, so
+// that none runs a forward the others have left.
+int agreed_stop_signal(flexmodel::dist::Communicator* world) {
+  if (world == nullptr) return g_stop_signal;
+  const auto signals = world->all_gather_ints(g_stop_signal);
+  return static_cast<int>(*std::max_element(signals.begin(), signals.end()));
+}
+
 // Runs `forward` over the input batch by batch, streaming the "dump" group's
 // activations to the file on rank 0.
 template <class Forward>
-int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settings, const torch::Tensor& input) {
+int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settings, const torch::Tensor& input,
+         flexmodel::dist::Communicator* world) {
   const bool root = flexmodel::dist::world_rank() == 0;
   const std::int64_t rows = input.size(0), batch_size = settings.batch_size;
   std::shared_ptr<flexmodel::io::HDF5Writer> writer;
+  // --overwrite replaces the old file only once the new one is complete: until
+  // then the new one is `<out>.new` (a killed run leaves both).
+  std::error_code error;
+  const bool replacing = settings.overwrite && std::filesystem::exists(settings.out_path, error);
+  const std::string target = replacing ? settings.out_path + ".new" : settings.out_path;
   if (root) {
-    writer = std::make_shared<flexmodel::io::HDF5Writer>(settings.out_path, flexmodel::io::HDF5WriterOptions()
+    writer = std::make_shared<flexmodel::io::HDF5Writer>(target, flexmodel::io::HDF5WriterOptions()
                                                                                .model(settings.model_path)
                                                                                .tp(settings.tp)
                                                                                .pp(settings.pp)
@@ -262,11 +367,38 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
   fm.add_sink(summary);
   Progress progress(rows);
   const auto start = Clock::now();
-  for (std::int64_t first = 0; first < rows; first += batch_size) {
-    forward(input.narrow(0, first, std::min(batch_size, rows - first)));
-    if (root) progress.update(std::min(first + batch_size, rows));
+  int stopped = 0;
+  try {
+    std::int64_t done = 0;
+    for (; done < rows && (stopped = agreed_stop_signal(world)) == 0; done += batch_size) {
+      forward(input.narrow(0, done, std::min(batch_size, rows - done)));
+      if (root) progress.update(std::min(done + batch_size, rows));
+    }
+    fm.close_sinks();
+    if (root && replacing) std::filesystem::rename(target, settings.out_path);
+    if (stopped != 0) {
+      if (root) {
+        std::fprintf(stderr, "\nflex-dump: stopped by signal %d (%s) after %lld of %lld rows; %s keeps them\n",
+                     stopped, strsignal(stopped), static_cast<long long>(std::min(done, rows)),
+                     static_cast<long long>(rows), settings.out_path.c_str());
+      }
+      return 128 + stopped;
+    }
+  } catch (...) {
+    // A dump that failed half-way is no dump: the file it created goes, an
+    // old file it was to replace stays (an appended file keeps its earlier
+    // steps, which its `steps` attribute counts).
+    if (writer != nullptr && !settings.append) {
+      try {
+        writer->close();
+      } catch (const std::exception&) {
+      }
+      std::error_code ignored;
+      std::filesystem::remove(target, ignored);
+      std::filesystem::remove(target + ".partial", ignored);
+    }
+    throw;
   }
-  fm.close_sinks();
   if (root) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     const double file_mb = static_cast<double>(std::filesystem::file_size(settings.out_path)) / 1e6;
@@ -327,6 +459,14 @@ int run(int argc, char** argv) {
                   " × --pp ", settings.pp, " × --dp ", settings.dp, " = ", settings.tp * settings.pp * settings.dp,
                   " ranks, but ", world, " were started; start mpirun -np ",
                   settings.tp * settings.pp * settings.dp);
+  {
+    // --overwrite and --append replace or continue regular files only.
+    std::error_code error;
+    const auto status = std::filesystem::status(settings.out_path, error);
+    FLEXMODEL_CHECK(!std::filesystem::exists(status) || std::filesystem::is_regular_file(status),
+                    flexmodel::ConfigError, "'", settings.out_path,
+                    "' exists and is not a regular file; --out names a file to write");
+  }
   if (!settings.dry_run && !settings.overwrite && !settings.append) {
     std::error_code error;
     FLEXMODEL_CHECK(!std::filesystem::exists(settings.out_path, error), flexmodel::ConfigError, "'",
@@ -342,6 +482,7 @@ int run(int argc, char** argv) {
   const torch::Tensor input = flexmodel::read_npy(settings.input_path);
   FLEXMODEL_CHECK(input.dim() >= 1 && input.size(0) > 0, flexmodel::ShapeError, "'", settings.input_path,
                   "' holds no rows (shape ", input.sizes(), ")");
+  check_token_ids(module, input, settings.input_path);
   FLEXMODEL_CHECK(input.size(0) % settings.batch_size % dp == 0, flexmodel::ConfigError, "the last batch has ",
                   input.size(0) % settings.batch_size, " rows, not a multiple of --dp ", dp,
                   "; choose --batch-size so that it is");
@@ -351,8 +492,11 @@ int run(int argc, char** argv) {
     if (flexmodel::dist::world_rank() == 0) print_dry_run(select(flexmodel::ScriptFlexModel(module), settings));
     return 0;
   }
+  // One mesh, one set of communicators, for the layers and the hooks.
+  const auto mesh = world > 1 ? flexmodel::dist::Mesh::create({settings.tp, settings.pp, dp}) : nullptr;
+  if (mesh != nullptr) check_ranks_agree(mesh->world(), settings, input);
   if (settings.tp == 1 && settings.pp == 1) {
-    flexmodel::ScriptFlexModel fm(module, options);
+    flexmodel::ScriptFlexModel fm(module, mesh != nullptr ? flexmodel::FlexModelOptions(options).mesh(mesh) : options);
     const Request request = select(fm, settings);
     register_request(fm, request);
     auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, {batch}); };
@@ -360,12 +504,10 @@ int run(int argc, char** argv) {
     // cannot fire, fails before any file exists.
     forward(input.narrow(0, 0, settings.dp));
     check_fired(fm, request);
-    return dump(fm, forward, settings, input);
+    return dump(fm, forward, settings, input, mesh != nullptr ? &mesh->world() : nullptr);
   }
   const auto full = flexmodel::models::gpt_from_torchscript(module, "'" + settings.model_path + "'", settings.heads);
-  const auto mesh = flexmodel::dist::Mesh::create({settings.tp, settings.pp, dp});
   flexmodel::parallel::ParallelGPT sharded(*full, mesh);
-  // One mesh, one set of communicators, for the layers and the hooks.
   flexmodel::FlexModel fm(sharded, flexmodel::FlexModelOptions(options).mesh(mesh));
   // The layers declare how their activations are split, so hooks gather them
   // without an expected shape.
@@ -373,7 +515,7 @@ int run(int argc, char** argv) {
   auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, batch); };
   forward(input.narrow(0, 0, dp));
   check_fired(fm, request, &mesh->world());
-  return dump(fm, forward, settings, input);
+  return dump(fm, forward, settings, input, mesh != nullptr ? &mesh->world() : nullptr);
 }
 
 }  // namespace
@@ -382,11 +524,16 @@ int main(int argc, char** argv) {
   // flex-dump reports what matters itself, each problem in one line; the
   // library's warnings (a hook that did not fire, say) would repeat it.
   if (std::getenv("FLEXMODEL_LOG_LEVEL") == nullptr) flexmodel::logger()->set_level(spdlog::level::err);
+  install_signal_handlers();
   try {
     return run(argc, argv);
   } catch (const std::exception& error) {
     std::string message = error.what();
-    std::cerr << "flex-dump: " << message.substr(0, message.find('\n')) << "\n";
+    message = "flex-dump: " + message.substr(0, message.find('\n'));
+    std::cerr << message << "\n";
+    // Under mpirun the other ranks may wait for this one in a collective: an
+    // error on any rank (the output file on rank 0, say) ends them all.
+    if (flexmodel::dist::world_size() > 1) flexmodel::dist::abort_world(message);
     return 1;
   }
 }

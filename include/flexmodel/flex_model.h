@@ -199,9 +199,11 @@ class FlexModelBase {
   // end_backward(), which the next forward and close_sinks() call when the
   // program has not. Under pp it is collective (every rank calls it, after
   // the backward): the stages' gradient captures reach rank 0 there, stage
-  // by stage, each stage's in the order they fired. A gradient captured after
-  // its step ended (a backward run after the next forward) is a HookError
-  // when there are sinks, and reaches the output map otherwise.
+  // by stage, each stage's in the order they fired; close_sinks() there is a
+  // ConfigError while a step is open. A parameter's gradient belongs to the
+  // latest forward. A gradient captured after its step ended (a backward run
+  // after the next forward) is a HookError when there are sinks (under a mesh
+  // it ends every rank), and reaches the output map otherwise.
   void end_backward();
 
   // Captured activations: (module name, hook type) → one tensor per forward.

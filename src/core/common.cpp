@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <mutex>
 #include <regex>
@@ -15,7 +14,6 @@
 #include "flexmodel/error.h"
 #include "flexmodel/hooked.h"
 #include "flexmodel/logging.h"
-#include "flexmodel/npy.h"
 #include "flexmodel/nn.h"
 #include "flexmodel/output_map.h"
 #include "flexmodel/pattern.h"
@@ -367,65 +365,4 @@ void ModuleListImpl::mark_children() {
 }
 
 }  // namespace nn
-// ---- .npy files -----------------------------------------------------------
-
-namespace {
-
-c10::ScalarType npy_dtype(const std::string& descr, const std::string& path) {
-  static const std::map<std::string, c10::ScalarType> kTypes = {
-      {"|b1", torch::kBool},  {"|u1", torch::kUInt8},  {"|i1", torch::kInt8},    {"<i2", torch::kInt16},
-      {"<i4", torch::kInt32}, {"<i8", torch::kInt64},  {"<f2", torch::kFloat16}, {"<f4", torch::kFloat32},
-      {"<f8", torch::kFloat64}};
-  auto found = kTypes.find(descr);
-  FLEXMODEL_CHECK(found != kTypes.end(), IOError, "'", path, "' holds dtype '", descr,
-                  "'; expected little-endian bool, int8/16/32/64, uint8 or float16/32/64");
-  return found->second;
-}
-
-}  // namespace
-
-torch::Tensor read_npy(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  FLEXMODEL_CHECK(file.good(), IOError, "cannot open '", path, "'");
-  char magic[8] = {};
-  file.read(magic, 8);
-  FLEXMODEL_CHECK(file.gcount() == 8 && std::memcmp(magic, "\x93NUMPY", 6) == 0, IOError, "'", path,
-                  "' is not a .npy file (no \\x93NUMPY magic)");
-  const int major = static_cast<unsigned char>(magic[6]);
-  std::uint32_t header_length = 0;
-  if (major == 1) {
-    unsigned char bytes[2];
-    file.read(reinterpret_cast<char*>(bytes), 2);
-    header_length = bytes[0] | (bytes[1] << 8);
-  } else {
-    unsigned char bytes[4];
-    file.read(reinterpret_cast<char*>(bytes), 4);
-    header_length = bytes[0] | (bytes[1] << 8) | (bytes[2] << 16) | (static_cast<std::uint32_t>(bytes[3]) << 24);
-  }
-  std::string header(header_length, '\0');
-  file.read(header.data(), header_length);
-  FLEXMODEL_CHECK(file.good(), IOError, "'", path, "' ends inside its .npy header");
-
-  std::smatch match;
-  FLEXMODEL_CHECK(std::regex_search(header, match, std::regex("'descr':\\s*'([^']+)'")), IOError, "'", path,
-                  "' has no dtype in its .npy header");
-  const c10::ScalarType dtype = npy_dtype(match[1], path);
-  FLEXMODEL_CHECK(std::regex_search(header, match, std::regex("'fortran_order':\\s*(True|False)")) &&
-                      match[1] == "False",
-                  IOError, "'", path, "' is Fortran-ordered; save it C-ordered (np.ascontiguousarray)");
-  FLEXMODEL_CHECK(std::regex_search(header, match, std::regex("'shape':\\s*\\(([^)]*)\\)")), IOError, "'", path,
-                  "' has no shape in its .npy header");
-  std::vector<std::int64_t> shape;
-  const std::string dims = match[1];
-  const std::regex number("\\d+");
-  for (std::sregex_iterator it(dims.begin(), dims.end(), number), end; it != end; ++it) {
-    shape.push_back(std::stoll(it->str()));
-  }
-  torch::Tensor tensor = torch::empty(shape, torch::TensorOptions().dtype(dtype));
-  file.read(static_cast<char*>(tensor.data_ptr()), static_cast<std::streamsize>(tensor.nbytes()));
-  FLEXMODEL_CHECK(static_cast<std::size_t>(file.gcount()) == tensor.nbytes(), IOError, "'", path, "' holds ",
-                  file.gcount(), " bytes of data; its header promises ", tensor.nbytes());
-  return tensor;
-}
-
 }  // namespace flexmodel

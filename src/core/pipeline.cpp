@@ -323,6 +323,7 @@ void run_in_backward(HookRecord& record, torch::Tensor& grad, const Firing& firi
 // Under dp, whether the tensor has rows is known now, in the forward.
 void attach_gradient_hook(ModelState& state, HookRecord& record, torch::Tensor& tensor, std::size_t leaf) {
   Firing firing{leaf, state.step, /*in_forward=*/false, /*split_rows=*/false};
+  // Counted in every forward, as the calibration forward counted it.
   if (state.distributed() && state.mesh->shape().dp > 1) {
     try {
       firing.split_rows = dp_splits_rows(state, record, tensor);
@@ -331,7 +332,15 @@ void attach_gradient_hook(ModelState& state, HookRecord& record, torch::Tensor& 
       throw;
     }
   }
-  if (!tensor.requires_grad()) return;
+  if (!torch::GradMode::is_enabled() || !tensor.requires_grad()) return;
+  if (state.distributed() && state.mesh->shape().dp > 1 && !firing.split_rows) {
+    // Its gradients are summed as partials of one tensor: it must be one.
+    check_same_across(state.mesh->dp_group(), tensor,
+                      concat(hook_label(record), ": its tensor ", tensor.sizes(),
+                             " has no rows (its shape does not change with the batch) but differs across "
+                             "data-parallel ranks, so it depends on the batch and no dp run can reproduce its "
+                             "gradient; run with dp 1"));
+  }
   record.fired = true;
   tensor = tensor.view_as(tensor);
   tensor.register_hook([weak = record.weak_from_this(), firing](const torch::Tensor& grad) -> torch::Tensor {
@@ -387,7 +396,6 @@ void run_hooks(ModelState& state, const ActiveSite& site, Phase values, TensorLe
       });
     }
   }
-  if (!torch::GradMode::is_enabled()) return;
   for (std::uint32_t i = site.bounds[values + 1]; i < site.bounds[values + 2]; ++i) {
     const ActiveHook& hook = hooks[i];
     for_each_chosen_leaf(hook, leaves, [&](torch::Tensor& leaf, std::size_t index) {

@@ -174,7 +174,7 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
                                             ? find_named(adapter_->named_parameters(), name) != nullptr
                                             : adapter_->has_module(name));
   detail::HookPoint point;
-  std::string failure;
+  std::exception_ptr failure;
   try {
     if (!here) {
       // Registered for its groups only: it fires on the stage that holds the module.
@@ -191,9 +191,9 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
     } else {
       point = adapter_->hook_point(name);
     }
-  } catch (const Error& error) {
+  } catch (const std::exception&) {
     if (!state.staged()) throw;
-    failure = error.what();
+    failure = std::current_exception();
   }
   if (state.staged()) {
     dist::Communicator& world = state.mesh->world();
@@ -502,7 +502,7 @@ torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const
   const std::int64_t owner_stage = stage_of(first_holder - holders.begin());
   const int owner_leader = static_cast<int>(owner_stage * mesh.shape().tp * mesh.shape().dp);
   torch::Tensor full;
-  std::string failure;
+  std::exception_ptr failure;
   if (mesh.pp_rank() == owner_stage) {
     try {
       // Shapes are alike on the stage's ranks: a route error skips the gather on each.
@@ -512,8 +512,8 @@ torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const
                                                          route.tp_dim, mesh.shape().tp, route.blocks)
                                : parameter->detach();
       if (mesh.stage_leader()) detail::check_expected_shape(shape_check, full);
-    } catch (const Error& error) {
-      failure = error.what();
+    } catch (const std::exception&) {
+      failure = std::current_exception();
     }
   }
   // The owning stage's failure reaches every rank before anyone waits for the tensor.

@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <tuple>
+#include <utility>
 
 #include "flexmodel/error.h"
 
@@ -149,13 +152,49 @@ Route route_of(const HookRecord& record, const torch::Tensor& local, const dist:
   return route;
 }
 
-void agree_on_failure(dist::Communicator& group, const std::string& failure) {
-  const auto failed = group.all_gather_ints(failure.empty() ? 0 : 1);
-  const auto first = std::find(failed.begin(), failed.end(), 1);
-  if (first == failed.end()) return;
-  ConfigError error(group.broadcast_string(failure, static_cast<int>(first - failed.begin())));
+namespace {
+
+template <class ErrorType>
+[[noreturn]] void raise_on_every_rank(const std::string& message) {
+  ErrorType error(message);
   error.mark_raised_on_every_rank();
   throw error;
+}
+
+}  // namespace
+
+void agree_on_failure(dist::Communicator& group, std::exception_ptr failure) {
+  // The error's class travels as a code, so that every rank throws the same one.
+  std::int64_t code = 0;
+  std::string message;
+  if (failure != nullptr) {
+    try {
+      std::rethrow_exception(failure);
+    } catch (const ShapeError& error) {
+      std::tie(code, message) = std::pair{2, error.what()};
+    } catch (const HookError& error) {
+      std::tie(code, message) = std::pair{3, error.what()};
+    } catch (const DistributedError& error) {
+      std::tie(code, message) = std::pair{4, error.what()};
+    } catch (const IOError& error) {
+      std::tie(code, message) = std::pair{5, error.what()};
+    } catch (const std::exception& error) {
+      std::tie(code, message) = std::pair{1, error.what()};
+    } catch (...) {
+      std::tie(code, message) = std::pair{1, "an unknown error"};
+    }
+  }
+  const auto codes = group.all_gather_ints(code);
+  const auto first = std::find_if(codes.begin(), codes.end(), [](std::int64_t c) { return c != 0; });
+  if (first == codes.end()) return;
+  message = group.broadcast_string(message, static_cast<int>(first - codes.begin()));
+  switch (*first) {
+    case 2: raise_on_every_rank<ShapeError>(message);
+    case 3: raise_on_every_rank<HookError>(message);
+    case 4: raise_on_every_rank<DistributedError>(message);
+    case 5: raise_on_every_rank<IOError>(message);
+    default: raise_on_every_rank<ConfigError>(message);
+  }
 }
 
 }  // namespace flexmodel::detail

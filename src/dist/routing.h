@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -49,9 +50,10 @@ bool dp_splits_rows(ModelState& state, HookRecord& record, const torch::Tensor& 
 // ranks' copies differ, every rank ends with `why`.
 void check_same_across(dist::Communicator& group, const torch::Tensor& tensor, const std::string& why);
 
-// Collective over `group`: when any rank's `failure` is non-empty, every rank
-// throws ConfigError with the first failing rank's message, marked as raised
-// on every rank; otherwise returns on every rank.
-void agree_on_failure(dist::Communicator& group, const std::string& failure);
+// Collective over `group`: when any rank has a `failure` (null: none), every
+// rank throws the first failing rank's error, of its class (a ConfigError for
+// one that is not a flexmodel error), marked as raised on every rank;
+// otherwise returns on every rank.
+void agree_on_failure(dist::Communicator& group, std::exception_ptr failure);
 
 }  // namespace flexmodel::detail

@@ -26,6 +26,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -735,7 +736,8 @@ class HDF5Writer::Impl {
   // Opening.
   void create_file();
   void open_file();
-  Handle file_access() const;
+  // hdf5_locks: HDF5's own file lock; off where this writer holds its own.
+  Handle file_access(bool hdf5_locks = true) const;
   void load_dataset(const std::string& path);
   WriteMode mode_for(hid_t creation, const Dataset& dataset, int& level) const;
   std::string where(const std::string& object) const { return concat("'", object, "' in '", path_, "'"); }
@@ -781,6 +783,7 @@ class HDF5Writer::Impl {
   std::string file_path_;  // where the file is now: `<path>.partial` until published
   bool published_ = false;
   int file_descriptor_ = -1;
+  int partial_lock_ = -1;  // holds the flock on `<path>.partial` while this writer owns it
   std::map<Key, std::unique_ptr<Dataset>> datasets_;
   std::int64_t steps_ = 0;
   std::int64_t step_ = 0;  // the caller's step of the snapshot being written
@@ -812,6 +815,10 @@ HDF5Writer::Impl::Impl(const std::string& path, HDF5WriterOptions options)
   const bool exists = std::filesystem::exists(path_);
   FLEXMODEL_CHECK(!exists || options_.overwrite() || options_.append(), IOError, "'", path_,
                   "' exists: set overwrite(true) to replace it or append(true) to continue it");
+  // Replacing or continuing a device, a directory, a socket or a pipe (or a
+  // link to one) would destroy or corrupt something that is not a file.
+  FLEXMODEL_CHECK(!exists || std::filesystem::is_regular_file(path_), IOError, "'", path_,
+                  "' exists and is not a regular file; flexmodel replaces or continues only regular files");
   if (exists && options_.append()) {
     open_file();
   } else {
@@ -829,8 +836,11 @@ HDF5Writer::Impl::Impl(const std::string& path, HDF5WriterOptions options)
   thread_ = std::thread([this] { run(); });
 }
 
-Handle HDF5Writer::Impl::file_access() const {
+Handle HDF5Writer::Impl::file_access(bool hdf5_locks) const {
   Handle access(FLEXMODEL_H5(H5Pcreate(H5P_FILE_ACCESS), "could not create a property list"), H5Pclose);
+  if (!hdf5_locks) {
+    FLEXMODEL_H5(H5Pset_file_locking(access.get(), false, true), "could not turn HDF5's file locks off");
+  }
   // Metadata reaches the file only when a step commits (see the top of this file).
   H5AC_cache_config_t cache{};
   cache.version = H5AC__CURR_CACHE_CONFIG_VERSION;
@@ -845,11 +855,22 @@ Handle HDF5Writer::Impl::file_access() const {
 
 void HDF5Writer::Impl::create_file() {
   file_path_ = path_ + ".partial";
+  // Another writer's `<path>.partial` is its own: it holds a lock on it, and
+  // this writer fails before touching it (HDF5 would truncate the file before
+  // finding HDF5's lock). A leftover of a killed run holds no lock and is replaced.
+  partial_lock_ = ::open(file_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  FLEXMODEL_CHECK(partial_lock_ >= 0, IOError, "could not create '", file_path_, "' (for '", path_,
+                  "'): ", std::strerror(errno));
+  if (::flock(partial_lock_, LOCK_EX | LOCK_NB) != 0) {
+    ::close(std::exchange(partial_lock_, -1));
+    FLEXMODEL_FAIL(IOError, "'", path_, "' is being written by another writer, which holds '", file_path_,
+                   "'; wait for it to finish or write another path");
+  }
   try {
     Handle creation(FLEXMODEL_H5(H5Pcreate(H5P_FILE_CREATE), "could not create a property list"), H5Pclose);
     FLEXMODEL_H5(H5Pset_file_space_strategy(creation.get(), H5F_FSPACE_STRATEGY_NONE, 0, 1),
                  "could not set the file space strategy");
-    Handle access = file_access();
+    Handle access = file_access(/*hdf5_locks=*/false);
     file_ = Handle(FLEXMODEL_H5(H5Fcreate(file_path_.c_str(), H5F_ACC_TRUNC, creation.get(), access.get()),
                                 "could not create '", file_path_, "' (for '", path_, "')"),
                    H5Fclose);
@@ -877,6 +898,7 @@ void HDF5Writer::Impl::create_file() {
     file_.reset();
     H5Eclear2(H5E_DEFAULT);
     std::filesystem::remove(file_path_);  // a file that failed half-way is no file
+    ::close(std::exchange(partial_lock_, -1));
     throw;
   }
 }
@@ -899,7 +921,10 @@ void HDF5Writer::Impl::open_file() {
   const auto model = read_string_attribute(root, "model", at).value_or("");
   const auto tp = read_int_attribute(root, "tp", at).value_or(1), pp = read_int_attribute(root, "pp", at).value_or(1),
              dp = read_int_attribute(root, "dp", at).value_or(1);
-  if (model != options_.model() || tp != options_.tp() || pp != options_.pp() || dp != options_.dp()) {
+  // Rows of another model under these names would pass for this one's.
+  FLEXMODEL_CHECK(model == options_.model(), IOError, "cannot append to '", path_, "': it holds activations of model '",
+                  model, "', this run's model is '", options_.model(), "'; write another file");
+  if (tp != options_.tp() || pp != options_.pp() || dp != options_.dp()) {
     logger()->warn("HDF5Writer: appending to '{}', written for model '{}' (tp {}, pp {}, dp {}), from model '{}' "
                    "(tp {}, pp {}, dp {}); its root attributes stay",
                    path_, model, tp, pp, dp, options_.model(), options_.tp(), options_.pp(), options_.dp());
@@ -1140,6 +1165,7 @@ void HDF5Writer::Impl::close() {
     thread_.join();
     pool_.reset();
   }
+  if (partial_lock_ >= 0) ::close(std::exchange(partial_lock_, -1));
   std::lock_guard lock(mutex_);
   if (error_ && !error_reported_) {
     error_reported_ = true;

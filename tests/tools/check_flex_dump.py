@@ -3,17 +3,33 @@
     check_flex_dump.py FLEX_DUMP FIXTURE_DIR MPIRUN...
 """
 import os
+import shlex
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import h5py
 import numpy as np
 import torch
 
 
-def run(*args):
-    return subprocess.run(list(args), capture_output=True, text=True)
+def run(*args, timeout=None):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def ends_every_rank(mpirun, tool, args, needle):
+    """An error only rank 0 meets (its output file, its compression filter) ends every rank within seconds."""
+    start = time.monotonic()
+    try:
+        failed = run(*mpirun, "-np", "2", tool, *args, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{args}: still running after 60 s: the ranks without the error hang")
+    elapsed = time.monotonic() - start
+    assert failed.returncode != 0 and needle in failed.stderr, (args, failed.stderr)
+    return elapsed
 
 
 def main(tool, fixtures, mpirun):
@@ -138,6 +154,70 @@ def main(tool, fixtures, mpirun):
             assert h5.attrs["dp"] == 2
         failed = run(*mpirun, "-np", "2", tool, *common, "--out", os.path.join(scratch, "x.h5"), "--dp", "1")
         assert failed.returncode != 0 and "were started" in failed.stdout + failed.stderr, failed.stderr
+
+        # Errors that rank 0 alone meets end every rank.
+        seconds = [ends_every_rank(mpirun, tool, [*common, "--out", os.path.join(scratch, "missing", "x.h5")],
+                                   "missing"),
+                   ends_every_rank(mpirun, tool, [*common, "--out", os.path.join(scratch, "z.h5"),
+                                                  "--compression", "gzip:12"], "gzip:12")]
+        print(f"flex-dump: a rank-0 error ends both ranks in {max(seconds):.1f} s")
+
+        # Ranks handed other arguments (a wrapper choosing them by rank) fail naming what differs.
+        more = os.path.join(scratch, "more_tokens.npy")
+        np.save(more, np.concatenate([np.load(tokens)] * 2))
+        def job(**changes):
+            options = {"--model": model, "--input": tokens, "--hooks": "layers.*.mlp,embed_tokens",
+                       "--out": os.path.join(scratch, "disagree.h5"), "--batch-size": "2", **changes}
+            return " ".join(shlex.quote(item) for item in [tool] + [item for pair in options.items() for item in pair])
+
+        for change, needle in [({"--hooks": "layers.0.mlp"}, "disagree on --hooks"),
+                               ({"--input": more}, "disagree on the input's shape"),
+                               ({"--batch-size": "4"}, "disagree on --batch-size")]:
+            rank0, rank1 = job(), job(**change)
+            wrapper = f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then exec {rank1}; else exec {rank0}; fi'
+            ends_every_rank(mpirun, "sh", ["-c", wrapper], needle)
+            assert not os.path.exists(os.path.join(scratch, "disagree.h5"))
+
+        # Every row is checked before the file exists: an id out of the vocabulary in the last row.
+        vocab = torch.jit.load(model).embed_tokens.weight.shape[0]
+        bad = np.load(tokens).copy()
+        bad[-1, 2] = vocab + 5
+        bad_tokens = os.path.join(scratch, "bad_tokens.npy")
+        np.save(bad_tokens, bad)
+        for out, extra in [(os.path.join(scratch, "bad.h5"), []), (single, ["--overwrite"])]:
+            before = os.path.getmtime(single)
+            failed = run(tool, *common[:2], "--input", bad_tokens, *common[4:], "--out", out, "--batch-size", "1",
+                         *extra)
+            assert failed.returncode != 0 and f"row {len(bad) - 1} holds token id {vocab + 5}" in failed.stderr, \
+                failed.stderr
+            assert not os.path.exists(os.path.join(scratch, "bad.h5")), "a file was left behind"
+            assert os.path.getmtime(single) == before and not os.path.exists(single + ".new"), "the old file changed"
+
+        # SIGTERM (and SIGINT, SIGHUP) stop the dump between forwards: what was written is kept, exit 128 + 15.
+        many = os.path.join(scratch, "many_tokens.npy")
+        np.save(many, np.concatenate([np.load(tokens)] * 500))
+        interrupted = os.path.join(scratch, "interrupted.h5")
+        process = subprocess.Popen([tool, *common[:2], "--input", many, *common[4:], "--out", interrupted,
+                                    "--batch-size", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(interrupted) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 143 and "stopped by signal 15" in stderr, (process.returncode, stderr)
+        with h5py.File(interrupted, "r") as h5:
+            steps = int(h5.attrs["steps"])
+            assert 0 < steps < len(np.load(many)), steps
+            for name in h5["rows_per_step"]:
+                for hook_type in h5["rows_per_step"][name]:
+                    assert h5["rows_per_step"][name][hook_type].shape[0] == steps, (name, hook_type)
+
+        # --overwrite replaces regular files only: a pipe stays a pipe.
+        pipe = os.path.join(scratch, "pipe")
+        os.mkfifo(pipe)
+        failed = run(tool, *common, "--out", pipe, "--overwrite")
+        assert failed.returncode != 0 and "is not a regular file" in failed.stderr, failed.stderr
+        assert stat.S_ISFIFO(os.stat(pipe).st_mode)
 
         # An existing file is kept unless --overwrite; --append continues it.
         kept = run(tool, *common, "--out", single)
