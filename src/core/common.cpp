@@ -124,17 +124,24 @@ std::vector<std::string_view> split_dots(std::string_view text) {
   return parts;
 }
 
-bool glob_matches(const std::vector<std::string_view>& pattern, std::size_t p,
-                  const std::vector<std::string_view>& name, std::size_t n) {
-  if (p == pattern.size()) return n == name.size();
-  if (pattern[p] == "**") {
-    for (std::size_t skip = n; skip <= name.size(); ++skip) {
-      if (glob_matches(pattern, p + 1, name, skip)) return true;
+// Whether the dotted components of `pattern` match those of `name`, `**`
+// matching any number of them. One pass per pattern component over which name
+// prefixes it can end at: O(pattern × name), whatever the `**` (a recursion
+// over where each `**` ends is exponential in their number).
+bool glob_matches(const std::vector<std::string_view>& pattern, const std::vector<std::string_view>& name) {
+  std::vector<char> ends(name.size() + 1, 0), next(name.size() + 1);
+  ends[0] = 1;  // the empty prefix of the pattern matches the empty prefix of the name
+  for (const auto& part : pattern) {
+    std::fill(next.begin(), next.end(), 0);
+    if (part == "**") {
+      char reached = 0;
+      for (std::size_t n = 0; n <= name.size(); ++n) next[n] = reached = reached || ends[n];
+    } else {
+      for (std::size_t n = 0; n < name.size(); ++n) next[n + 1] = ends[n] && component_matches(part, name[n]);
     }
-    return false;
+    ends.swap(next);
   }
-  return n < name.size() && component_matches(pattern[p], name[n]) &&
-         glob_matches(pattern, p + 1, name, n + 1);
+  return ends[name.size()] != 0;
 }
 
 }  // namespace
@@ -145,7 +152,7 @@ bool Pattern::matches(std::string_view name) const {
   switch (kind_) {
     case Kind::exact: return name == text_;
     case Kind::substring: return name.find(text_) != std::string_view::npos;
-    case Kind::glob: return glob_matches(split_dots(text_), 0, split_dots(name), 0);
+    case Kind::glob: return glob_matches(split_dots(text_), split_dots(name));
   }
   return false;
 }
