@@ -145,24 +145,19 @@ std::string mesh_violations(const detail::ModelAdapter& adapter, const dist::Mes
 void send_captures_to_rank0(ModelState& state) {
   const dist::Mesh& mesh = *state.mesh;
   if (mesh.shape().pp == 1 || !mesh.stage_leader()) return;
-  dist::Communicator& world = mesh.world();
+  std::vector<detail::WireCapture> captures;
   if (mesh.pp_rank() > 0) {
-    std::vector<detail::WireCapture> captures;
     for (auto& capture : state.pending) {
       const auto& [name, type] = capture.series->key;
       captures.push_back(detail::WireCapture{
           name, type, state.step, capture.copied.defined() ? capture.copied : detail::materialize(capture.pending)});
     }
-    detail::send_captures(world, captures, 0);
     state.pending.clear();
-    return;
   }
-  for (std::int64_t stage = 1; stage < mesh.shape().pp; ++stage) {
-    const int source = static_cast<int>(stage * mesh.shape().tp * mesh.shape().dp);
-    for (auto& capture : detail::receive_captures(world, source)) {
-      auto& series = state.outputs.series(capture.name, capture.type);
-      state.pending.push_back(OutputMap::Capture{&series, {}, std::move(capture.tensor)});
-    }
+  // Rank 0 keeps its own pending captures and appends the other stages'.
+  for (auto& capture : detail::collect_at_rank0(mesh, std::move(captures))) {
+    auto& series = state.outputs.series(capture.name, capture.type);
+    state.pending.push_back(OutputMap::Capture{&series, {}, std::move(capture.tensor)});
   }
 }
 
@@ -190,12 +185,7 @@ FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& gr
   }
   if (state_.backward_outstanding) {
     // The previous forward's backward is over once another forward begins.
-    try {
-      detail::end_backward(state_);
-    } catch (...) {
-      detail::end_world_unless_raised_everywhere(state_, std::current_exception());
-      throw;
-    }
+    model.end_backward();
   }
   apply_selection(state_, groups);
   ++state_.forward_serial;
@@ -355,26 +345,14 @@ namespace detail {
 void end_backward(ModelState& state) {
   if (!std::exchange(state.backward_outstanding, false)) return;
   if (state.staged() && state.mesh->stage_leader()) {
-    const dist::Mesh& mesh = *state.mesh;
-    if (mesh.pp_rank() > 0) {
-      std::vector<WireCapture> captures;
-      for (auto& capture : state.gradients_for_rank0) {
-        const auto& [name, type] = capture.series->key;
-        captures.push_back(WireCapture{name, type, capture.step, std::move(capture.snapshot)});
-      }
-      state.gradients_for_rank0.clear();
-      send_captures(mesh.world(), captures, 0);
-    } else {
-      std::vector<GradientCapture> arrived = std::move(state.gradients_for_rank0);
-      state.gradients_for_rank0.clear();
-      for (std::int64_t stage = 1; stage < mesh.shape().pp; ++stage) {
-        const int source = static_cast<int>(stage * mesh.shape().tp * mesh.shape().dp);
-        for (auto& capture : receive_captures(mesh.world(), source)) {
-          arrived.push_back(
-              GradientCapture{&state.outputs.series(capture.name, capture.type), capture.step, std::move(capture.tensor)});
-        }
-      }
-      for (const auto& capture : arrived) deliver_gradient(state, *capture.series, capture.step, capture.snapshot);
+    std::vector<WireCapture> captures;
+    for (auto& capture : state.gradients_for_rank0) {
+      const auto& [name, type] = capture.series->key;
+      captures.push_back(WireCapture{name, type, capture.step, std::move(capture.snapshot)});
+    }
+    state.gradients_for_rank0.clear();
+    for (auto& capture : collect_at_rank0(*state.mesh, std::move(captures))) {
+      deliver_gradient(state, state.outputs.series(capture.name, capture.type), capture.step, capture.tensor);
     }
   }
   if (state.open_gradient_step >= 0) {

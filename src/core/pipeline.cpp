@@ -167,17 +167,21 @@ Route plan_route(ModelState& state, HookRecord& record, const torch::Tensor& ten
   }
 }
 
+// A tensor without rows over dp is one tensor, the same on every dp rank,
+// else it depends on the batch.
+void check_dp_replicas(const dist::Mesh& mesh, const HookRecord& record, const torch::Tensor& tensor) {
+  check_same_across(mesh.dp_group(), tensor,
+                    concat(hook_label(record), ": its tensor ", tensor.sizes(),
+                           " has no rows (its shape does not change with the batch) but differs across "
+                           "data-parallel ranks, so it depends on the batch and no dp run can reproduce it; "
+                           "run with dp 1"));
+}
+
 // Tensors the route takes as replicated must be: forward tensors without rows
 // over dp, tensors not declared split over tp.
 void check_replicas(const dist::Mesh& mesh, const HookRecord& record, const torch::Tensor& tensor, const Route& route,
                     bool in_forward) {
-  if (mesh.shape().dp > 1 && in_forward && !route.gather_dp) {
-    check_same_across(mesh.dp_group(), tensor,
-                      concat(hook_label(record), ": its tensor ", tensor.sizes(),
-                             " has no rows (its shape does not change with the batch) but differs across "
-                             "data-parallel ranks, so it depends on the batch and no dp run can reproduce it; "
-                             "run with dp 1"));
-  }
+  if (mesh.shape().dp > 1 && in_forward && !route.gather_dp) check_dp_replicas(mesh, record, tensor);
   if (mesh.shape().tp > 1 && route.tp_dim < 0) {
     check_same_across(mesh.tp_group(), tensor,
                       concat(hook_label(record), ": its tensor ", tensor.sizes(),
@@ -335,11 +339,7 @@ void attach_gradient_hook(ModelState& state, HookRecord& record, torch::Tensor& 
   if (!torch::GradMode::is_enabled() || !tensor.requires_grad()) return;
   if (state.distributed() && state.mesh->shape().dp > 1 && !firing.split_rows) {
     // Its gradients are summed as partials of one tensor: it must be one.
-    check_same_across(state.mesh->dp_group(), tensor,
-                      concat(hook_label(record), ": its tensor ", tensor.sizes(),
-                             " has no rows (its shape does not change with the batch) but differs across "
-                             "data-parallel ranks, so it depends on the batch and no dp run can reproduce its "
-                             "gradient; run with dp 1"));
+    check_dp_replicas(*state.mesh, record, tensor);
   }
   record.fired = true;
   tensor = tensor.view_as(tensor);

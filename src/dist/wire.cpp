@@ -51,4 +51,17 @@ std::vector<WireCapture> receive_captures(dist::Communicator& group, int source)
   return captures;
 }
 
+std::vector<WireCapture> collect_at_rank0(const dist::Mesh& mesh, std::vector<WireCapture> captures) {
+  if (mesh.pp_rank() > 0) {
+    send_captures(mesh.world(), captures, 0);
+    return {};
+  }
+  for (std::int64_t stage = 1; stage < mesh.shape().pp; ++stage) {
+    // A stage's leader is its first rank: tp 0, dp 0.
+    const int source = static_cast<int>(stage * mesh.shape().tp * mesh.shape().dp);
+    for (auto& capture : receive_captures(mesh.world(), source)) captures.push_back(std::move(capture));
+  }
+  return captures;
+}
+
 }  // namespace flexmodel::detail

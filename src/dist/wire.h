@@ -25,4 +25,9 @@ struct WireCapture {
 void send_captures(dist::Communicator& group, const std::vector<WireCapture>& captures, int destination);
 std::vector<WireCapture> receive_captures(dist::Communicator& group, int source);
 
+// Called by every stage leader of a pipeline: each hands `captures` to rank 0,
+// which gets back its own followed by every other stage's, in stage order;
+// the other leaders get nothing back.
+std::vector<WireCapture> collect_at_rank0(const dist::Mesh& mesh, std::vector<WireCapture> captures);
+
 }  // namespace flexmodel::detail
