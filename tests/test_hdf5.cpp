@@ -253,25 +253,59 @@ TEST(HDF5Writer, ChunksHoldOneStepWithinTheByteBounds) {
   TempDir dir;
   const Root root;
   for (const char* compression : {"none", "gzip:4"}) {
-    const std::string file = dir / (std::string(compression) == "none" ? "raw.h5" : "gzip.h5");
+    const bool filtered = std::string(compression) != "none";
+    const std::string file = dir / (filtered ? "gzip.h5" : "raw.h5");
     HDF5Writer writer(file, options_of(root).compression(compression));
     Recorder recorder(writer, compression);
     torch::manual_seed(1);
     for (int step = 0; step < 3; ++step) {
       recorder.write("one_step", HookType::forward, torch::randn({4, 128, 768}));  // 1.5 MiB: one step a chunk
       recorder.write("split", HookType::forward, torch::randn({12, 128, 768}));    // 4.5 MiB: two chunks a step
+      recorder.write("uneven", HookType::forward, torch::randn({15, 128, 768}));   // 5.6 MiB: 15 rows in 2 or 3
       recorder.write("merged", HookType::forward, torch::randn({3, 64}));          // 768 B: 86 steps a chunk
       recorder.write("wide_row", HookType::forward, torch::randn({1, 1100, 1024}));  // a row over 4 MiB
       recorder.end_step();
     }
     recorder.expect_chunks("one_step", HookType::forward, {4, 128, 768});
     recorder.expect_chunks("split", HookType::forward, {6, 128, 768});
-    recorder.expect_chunks("merged", HookType::forward, {258, 64});
+    // Compressed chunks hold a divisor of the step's rows and never span steps.
+    recorder.expect_chunks("uneven", HookType::forward, {filtered ? 5 : 8, 128, 768});
+    recorder.expect_chunks("merged", HookType::forward, {filtered ? 3 : 258, 64});
     recorder.expect_chunks("wide_row", HookType::forward, {1, 1024, 1024});
     writer.close();
     EXPECT_EQ(run_python(script("check_file.py") + " " + recorder.save(dir, file, root, file.substr(file.size() - 6))),
               0);
   }
+}
+
+// Every chunk written once: the file is the size of what its chunks store
+// (plus metadata), and so smaller than the uncompressed file.
+TEST(HDF5Writer, ACompressedFileIsTheSizeOfItsChunks) {
+  TempDir dir;
+  std::string files;
+  for (const char* compression : {"none", "gzip:4", "gzip:1", "lz4", "blosc:5"}) {
+    HDF5WriterOptions options = HDF5WriterOptions().compression(compression);
+    if (std::string(compression) == "gzip:1") options.compression_threads(0);  // HDF5's own filter
+    const std::string file = dir / (std::string(compression) + ".h5");
+    std::unique_ptr<HDF5Writer> writer;
+    try {
+      writer = std::make_unique<HDF5Writer>(file, options);
+    } catch (const ConfigError& e) {
+      std::cout << "not checked: " << e.what() << "\n";  // a plugin that is not installed
+      continue;
+    }
+    torch::manual_seed(3);
+    for (int step = 0; step < 300; ++step) {
+      // Small steps (where chunks used to span steps), and one of another size now and then.
+      writer->write("small", HookType::forward, step, torch::randint(0, 4, {2, 256}).to(torch::kFloat32));
+      writer->write("large", HookType::forward, step, torch::randint(0, 4, {2, 64, 256}).to(torch::kFloat32));
+      writer->write("ragged", HookType::forward, step, torch::randint(0, 4, {1 + step % 7 / 6, 512}));
+      writer->end_step(step);
+    }
+    writer->close();
+    files += " " + file;
+  }
+  EXPECT_EQ(run_python(script("check_size.py") + files), 0);
 }
 
 class GzipTest : public ::testing::TestWithParam<int> {};
@@ -291,7 +325,7 @@ TEST_P(GzipTest, ReadsBackInH5pyWithNoPlugin) {
     recorder.write("half", HookType::full_backward, torch::randn({3, 10}).to(torch::kFloat16));
     recorder.write("brain", HookType::tensor, torch::randn({2, 8}).to(torch::kBFloat16));
     recorder.write("zeros", HookType::forward, torch::zeros({64, 256}));
-    recorder.write("filled", HookType::forward, torch::randn({48, 256}));  // two steps a chunk
+    recorder.write("filled", HookType::forward, torch::randn({48, 256}));  // compressed: never merged
     recorder.end_step();
   }
   writer.close();
@@ -335,14 +369,15 @@ TEST(HDF5Writer, AnExistingFileIsReplacedOrContinuedOnlyWhenAsked) {
     writer.close();
     EXPECT_EQ(run_python(script("check_file.py") + " " + recorder.save(dir, file, root, "overwritten")), 0);
   }
-  // append: steps continue; a dataset new to the file has zero rows in the earlier steps.
+  // append: steps continue (the first with the file's datasets); a dataset
+  // new to the file has zero rows in the earlier steps.
   {
     HDF5Writer writer(file, options_of(root).append(true));
     EXPECT_EQ(writer.committed_steps(), 1);
     writer.write("a", HookType::forward, 0, second);
-    writer.write("b", HookType::forward_pre, 0, third.to(torch::kBFloat16));
     writer.end_step(0);
     writer.write("a", HookType::forward, 1, third);
+    writer.write("b", HookType::forward_pre, 1, third.to(torch::kBFloat16));
     writer.end_step(1);
     EXPECT_THROW(writer.write("a", HookType::forward, 2, torch::randn({1, 7})), ShapeError);
     writer.close();
@@ -356,9 +391,9 @@ TEST(HDF5Writer, AnExistingFileIsReplacedOrContinuedOnlyWhenAsked) {
     recorder.write("a", HookType::forward, first);
     recorder.end_step();
     recorder.write("a", HookType::forward, second);
-    recorder.write("b", HookType::forward_pre, third.to(torch::kBFloat16));
     recorder.end_step();
     recorder.write("a", HookType::forward, third);
+    recorder.write("b", HookType::forward_pre, third.to(torch::kBFloat16));
     recorder.end_step();
     EXPECT_EQ(run_python(script("check_file.py") + " " + recorder.save(dir, file, root, "appended")), 0);
   }
@@ -404,6 +439,21 @@ TEST(HDF5Writer, AppendsOnlyToItsOwnFilesAndCreatesMissingOnes) {
 }
 
 // Appending rows of another model is refused before the file changes.
+std::string file_bytes(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Opening `file` to append with `options` fails with an IOError saying `message`.
+void expect_append_refused(const std::string& file, HDF5WriterOptions options, const std::string& message) {
+  try {
+    HDF5Writer writer(file, options.append(true));
+    ADD_FAILURE() << "appended to '" << file << "'";
+  } catch (const IOError& error) {
+    EXPECT_NE(std::string(error.what()).find(message), std::string::npos) << error.what();
+  }
+}
+
 TEST(HDF5Writer, AppendsOnlyRowsOfTheFilesOwnModel) {
   TempDir dir;
   const std::string file = dir / "gpt2.h5";
@@ -412,20 +462,87 @@ TEST(HDF5Writer, AppendsOnlyRowsOfTheFilesOwnModel) {
     writer.write("layers.0", HookType::forward, 0, torch::ones({2, 3}));
     writer.close();
   }
-  auto bytes = [&] {
-    std::ifstream in(file, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  };
-  const std::string before = bytes();
-  try {
-    HDF5Writer writer(file, HDF5WriterOptions().model("llama.pt").append(true));
-    ADD_FAILURE() << "appended another model's rows";
-  } catch (const IOError& error) {
-    EXPECT_NE(std::string(error.what()).find("holds activations of model 'gpt2.pt', this run's model is 'llama.pt'"),
-              std::string::npos)
-        << error.what();
+  const std::string before = file_bytes(file);
+  expect_append_refused(file, HDF5WriterOptions().model("llama.pt"),
+                        "holds activations of model 'gpt2.pt', this run's model is 'llama.pt'");
+  EXPECT_TRUE(file_bytes(file) == before) << "the file changed";
+}
+
+// Append continues the file's own hook points: its first step writes exactly
+// the file's datasets, or the writer fails and the file stays byte for byte.
+TEST(HDF5Writer, AppendsOnlyStepsOfTheFilesHookPoints) {
+  TempDir dir;
+  const std::string file = dir / "acts.h5";
+  {
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt"));
+    writer.write("layers.0", HookType::forward, 0, torch::ones({2, 3}));
+    writer.write("layers.1", HookType::forward, 0, torch::ones({2, 3}));
+    writer.end_step(0);
+    writer.close();
   }
-  EXPECT_EQ(bytes(), before);
+  const std::string before = file_bytes(file);
+  const std::vector<std::pair<std::vector<std::string>, std::string>> refused{
+      {{"embed"}, "(the file's that it lacks: '/activations/layers.0/forward' and 1 more; its own that the file "
+                  "lacks: '/activations/embed/forward')"},
+      {{"layers.0"}, "the file's that it lacks: '/activations/layers.1/forward'; its own that the file lacks: none"},
+      {{"layers.0", "layers.1", "lm_head"}, "its own that the file lacks: '/activations/lm_head/forward'"}};
+  for (const auto& [modules, message] : refused) {
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt").append(true));
+    for (const auto& module : modules) writer.write(module, HookType::forward, 1, torch::ones({2, 3}));
+    try {
+      writer.end_step(1);
+      ADD_FAILURE() << "appended a step of other hook points";
+    } catch (const IOError& error) {
+      EXPECT_NE(std::string(error.what()).find(message), std::string::npos) << error.what();
+    }
+    EXPECT_THROW(writer.write("layers.0", HookType::forward, 2, torch::ones({2, 3})), IOError);
+    EXPECT_NO_THROW(writer.close());  // reported already
+    EXPECT_TRUE(file_bytes(file) == before) << "the file changed";
+  }
+  {
+    // Closing without end_step checks the same.
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt").append(true));
+    writer.write("embed", HookType::forward, 1, torch::ones({2, 3}));
+    EXPECT_THROW(writer.close(), IOError);
+    EXPECT_TRUE(file_bytes(file) == before) << "the file changed";
+  }
+  HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt").append(true));
+  writer.write("layers.1", HookType::forward, 1, torch::ones({1, 3}));
+  writer.write("layers.0", HookType::forward, 1, torch::ones({1, 3}));
+  writer.end_step(1);
+  writer.write("layers.0", HookType::forward, 2, torch::ones({1, 3}));  // later steps are the program's
+  writer.end_step(2);
+  writer.close();
+  EXPECT_EQ(writer.committed_steps(), 3);
+}
+
+// A file rewritten by other software (here h5py, with the oldest superblock
+// version, as h5repack may) cannot be kept crash-safe: append refuses it,
+// unless crash_safe(false) says to append without that guarantee.
+TEST(HDF5Writer, AppendsCrashSafelyOnlyToASuperblockItCanKeep) {
+  TempDir dir;
+  const std::string file = dir / "acts.h5", copy = dir / "copy.h5";
+  {
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt"));
+    writer.write("a", HookType::forward, 0, torch::ones({2, 3}));
+    writer.end_step(0);
+    writer.close();
+  }
+  ASSERT_EQ(run_python("-c \"import h5py\n"
+                       "with h5py.File('" + file + "', 'r') as f, h5py.File('" + copy + "', 'w', libver='earliest') as g:\n"
+                       "    [f.copy(name, g) for name in f]\n"
+                       "    g.attrs.update(f.attrs)\""),
+            0);
+  expect_append_refused(copy, HDF5WriterOptions().model("gpt2.pt"),
+                        "crash-safely: its superblock is not the version 2 one");
+  HDF5Writer writer(copy, HDF5WriterOptions().model("gpt2.pt").append(true).crash_safe(false));
+  writer.write("a", HookType::forward, 1, torch::full({1, 3}, 2.0));
+  writer.end_step(1);
+  writer.close();
+  EXPECT_EQ(run_python("-c \"import h5py, sys; f = h5py.File('" + copy +
+                       "', 'r'); x = f['activations/a/forward'][:]; "
+                       "sys.exit(0 if f.attrs['steps'] == 2 and x.shape == (3, 3) and x[2, 0] == 2 else 1)\""),
+            0);
 }
 
 // --overwrite and --append touch regular files only: a pipe, a directory or
@@ -521,18 +638,27 @@ TEST(HDF5Writer, CloseCommitsWritesAfterTheLastEndStep) {
 // A FlexModel's gradient captures (full_backward, full_backward_pre, a
 // parameter's) land in the step of the forward whose graph they come from,
 // each dataset with its own rows_per_step, bit for bit what autograd gives.
-TEST(HDF5Writer, GradientCapturesLandInTheStepOfTheirForward) {
+// A small net whose FlexModel writes to `file`, and a reference writer for
+// what the file must hold (the values from autograd without flexmodel).
+class NetWritingAFile : public ::testing::Test {
+ protected:
+  static flexmodel::nn::Sequential seeded_net() {
+    torch::manual_seed(0);
+    return flexmodel::nn::Sequential(flexmodel::nn::Linear(4, 6), flexmodel::nn::Tanh(), flexmodel::nn::Linear(6, 3));
+  }
+
   TempDir dir;
   const Root root;
-  torch::manual_seed(0);
-  flexmodel::nn::Sequential net(flexmodel::nn::Linear(4, 6), flexmodel::nn::Tanh(), flexmodel::nn::Linear(6, 3));
-  const auto& first = net->ptr<torch::nn::LinearImpl>(0);
-  const auto& last = net->ptr<torch::nn::LinearImpl>(2);
-  const std::string file = dir / "gradients.h5";
-  auto writer = std::make_shared<HDF5Writer>(file, options_of(root));
-  // What the file must hold, from autograd on the same weights without flexmodel.
-  HDF5Writer reference_writer(dir / "reference.h5", options_of(root));
-  Recorder expected(reference_writer);
+  flexmodel::nn::Sequential net = seeded_net();
+  const std::shared_ptr<torch::nn::LinearImpl> first = net->ptr<torch::nn::LinearImpl>(0);
+  const std::shared_ptr<torch::nn::LinearImpl> last = net->ptr<torch::nn::LinearImpl>(2);
+  const std::string file = dir / "acts.h5";
+  std::shared_ptr<HDF5Writer> writer = std::make_shared<HDF5Writer>(file, options_of(root));
+  HDF5Writer reference_writer{dir / "reference.h5", options_of(root)};
+  Recorder expected{reference_writer};
+};
+
+TEST_F(NetWritingAFile, GradientCapturesLandInTheStepOfTheirForward) {
   FlexModel fm(net, FlexModelOptions().outputs(false));
   fm.add_sink(writer);
   fm.register_forward_hook(HookFunction("0"));
@@ -557,6 +683,80 @@ TEST(HDF5Writer, GradientCapturesLandInTheStepOfTheirForward) {
   reference_writer.close();
   EXPECT_TRUE(fm.outputs().empty());
   EXPECT_EQ(run_python(script("check_file.py") + " " + expected.save(dir, file, root, "gradients")), 0);
+}
+
+// Fails the write of one module's snapshot in one forward, once (a failed
+// forward's step number is the next forward's).
+class FailingSink final : public Sink {
+ public:
+  FailingSink(std::string module, std::int64_t step) : module_(std::move(module)), step_(step) {}
+  void write(const std::string& module_name, HookType, std::int64_t step, const torch::Tensor&) override {
+    if (module_name == module_ && step == step_ && !failed_) {
+      failed_ = true;
+      throw IOError("FailingSink: no room for '" + module_name + "'");
+    }
+  }
+
+ private:
+  std::string module_;
+  std::int64_t step_;
+  bool failed_ = false;
+};
+
+// Keeps every snapshot it is given.
+class KeepingSink final : public Sink {
+ public:
+  void write(const std::string& module_name, HookType, std::int64_t, const torch::Tensor& snapshot) override {
+    kept[module_name].push_back(snapshot);
+  }
+  std::map<std::string, std::vector<torch::Tensor>> kept;
+};
+
+TEST_F(NetWritingAFile, AForwardWhoseSinkFailsLeavesNothingInTheFile) {
+  FlexModel fm(net);
+  fm.add_sink(writer);
+  fm.add_sink(std::make_shared<FailingSink>("2", 1));  // the writer has had "0" and "1" of forward 1 by then
+  for (const char* module : {"0", "1", "2"}) fm.register_forward_hook(HookFunction(module));
+  for (std::int64_t step = 0; step < 3; ++step) {
+    const auto x = torch::randn({2, 4});
+    if (step == 1) {
+      EXPECT_THROW(fm.forward(x), IOError);
+      continue;
+    }
+    fm.forward(x);
+    const auto hidden = torch::linear(x, first->weight, first->bias);
+    expected.write("0", HookType::forward, hidden);
+    expected.write("1", HookType::forward, torch::tanh(hidden));
+    expected.write("2", HookType::forward, torch::linear(torch::tanh(hidden), last->weight, last->bias));
+    expected.end_step();
+  }
+  fm.close_sinks();
+  reference_writer.close();
+  EXPECT_EQ(fm.outputs().at("0").size(), 2u);
+  EXPECT_EQ(run_python(script("check_file.py") + " " + expected.save(dir, file, root, "all_or_nothing")), 0);
+}
+
+TEST(HDF5Writer, SinksOwnTheirSnapshotsWhenTheOutputMapKeepsThemToo) {
+  torch::manual_seed(0);
+  flexmodel::nn::Sequential net(flexmodel::nn::Linear(4, 6), flexmodel::nn::Tanh());
+  FlexModel fm(net);
+  auto sink = std::make_shared<KeepingSink>();
+  fm.add_sink(sink);
+  fm.register_forward_hook(HookFunction("0"));
+  fm.register_hook(HookFunction("0.weight"));
+  const auto x = torch::randn({3, 4});
+  fm.forward(x).sum().backward();
+  fm.end_backward();
+  const auto& first = net->ptr<torch::nn::LinearImpl>(0);
+  const torch::Tensor hidden = torch::linear(x, first->weight, first->bias).detach();
+  const torch::Tensor weight_grad = first->weight.grad().clone();
+  // A program editing the output map in place (the sink may still be writing).
+  fm.outputs().at("0")[0].zero_();
+  fm.outputs().at("0.weight", HookType::tensor)[0].zero_();
+  ASSERT_EQ(sink->kept["0"].size(), 1u);
+  ASSERT_EQ(sink->kept["0.weight"].size(), 1u);
+  EXPECT_TRUE(torch::equal(sink->kept["0"][0], hidden));
+  EXPECT_TRUE(torch::equal(sink->kept["0.weight"][0], weight_grad));
 }
 
 TEST(HDF5Writer, RejectsWhatItCannotStore) {
@@ -651,7 +851,8 @@ TEST(HDF5Writer, ABackgroundErrorSurfacesAtTheNextCall) {
     writer.end_step(0);
     writer.flush();
     fill_disk_under(file);
-    writer.write("big", HookType::forward, 1, rows);  // queued: the error comes later
+    writer.write("big", HookType::forward, 1, rows);
+    writer.end_step(1);  // queued: the error comes later
     try {
       writer.flush();
       FAIL() << "a write to a full disk went unreported";
@@ -660,8 +861,8 @@ TEST(HDF5Writer, ABackgroundErrorSurfacesAtTheNextCall) {
       EXPECT_NE(message.find("'/activations/big/forward' in '" + file + "'"), std::string::npos) << message;
       EXPECT_NE(message.find("No space left on device"), std::string::npos) << message;
     }
-    EXPECT_THROW(writer.write("big", HookType::forward, 1, rows), IOError);
-    EXPECT_THROW(writer.end_step(1), IOError);
+    EXPECT_THROW(writer.write("big", HookType::forward, 2, rows), IOError);
+    EXPECT_THROW(writer.end_step(2), IOError);
     EXPECT_NO_THROW(writer.close());  // reported already
     EXPECT_EQ(run_python("-c \"import h5py, sys; f = h5py.File('" + file +
                          "', 'r'); sys.exit(0 if f.attrs['steps'] == 1 and f['activations/big/forward'].shape[0] >= 512 "

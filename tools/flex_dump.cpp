@@ -116,7 +116,7 @@ struct Settings {
   std::string model_path, input_path, hooks, pre_hooks, out_path, compression = "none", command_line;
   std::int64_t batch_size = 8, tp = 1, pp = 1, dp = 1;
   std::optional<std::int64_t> heads;
-  bool overwrite = false, append = false, dry_run = false;
+  bool overwrite = false, append = false, dry_run = false, crash_safe = true;
 };
 
 // What the patterns ask for: each hook point once per hook type, however many
@@ -360,7 +360,8 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
                                                                                .command_line(settings.command_line)
                                                                                .compression(settings.compression)
                                                                                .overwrite(settings.overwrite)
-                                                                               .append(settings.append));
+                                                                               .append(settings.append)
+                                                                               .crash_safe(settings.crash_safe));
     fm.add_sink(writer);
   }
   auto summary = std::make_shared<Summary>();
@@ -426,7 +427,13 @@ int run(int argc, char** argv) {
   app.add_option("--compression", settings.compression,
                  "none, gzip[:N], or a filter plugin's lz4 / zstd[:N] / blosc[:N]");
   auto* overwrite_flag = app.add_flag("--overwrite", settings.overwrite, "replace an existing file");
-  app.add_flag("--append", settings.append, "continue an existing file with the same layout")->excludes(overwrite_flag);
+  app.add_flag("--append", settings.append,
+               "continue an existing file: same model, and a first step with the file's hook points, dtypes and "
+               "row shapes")
+      ->excludes(overwrite_flag);
+  app.add_flag("!--no-crash-safety", settings.crash_safe,
+               "write with plain HDF5 flushes: for an HDF5 other than 1.10, or appending to a rewritten file; the "
+               "file is then whole only once flex-dump ends");
   auto* dp_option = app.add_option("--dp", settings.dp,
                                    "data-parallel ranks (default: the ranks mpirun starts, divided by tp·pp)");
   app.add_option("--tp", settings.tp,

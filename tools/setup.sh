@@ -3,7 +3,8 @@
 #   tools/setup.sh run    install, build, run the main job on the bundled default:
 #                         flex-dump of the bundled GPT's activations to build/acts.h5,
 #                         then read back with h5py
-#   tools/setup.sh test   install, build, run the whole test suite (ctest)
+#   tools/setup.sh test   install, build, run the whole test suite (ctest), then
+#                         the unit, writer and fuzz tests under ASan+UBSan and TSan
 #   tools/setup.sh deps   install the dependencies only
 # Idempotent: packages already present are not fetched again. BUILD_DIR picks
 # the build folder (default: build).
@@ -49,6 +50,30 @@ build() {
   cmake --build "$BUILD_DIR" -j "$(nproc)"
 }
 
+# The unit, writer and fuzz tests again under AddressSanitizer with
+# UndefinedBehaviorSanitizer, and the writer's (threads) under
+# ThreadSanitizer, each in a build folder of its own. LibTorch itself is not
+# instrumented; it runs one thread, so that ThreadSanitizer sees every
+# handover between the program and the writer thread in flexmodel's code. The
+# kill sweeps stay out: a child with a preloaded library cannot run ASan.
+sanitized_tests() {
+  local asan="$BUILD_DIR-asan" tsan="$BUILD_DIR-tsan"
+  local configure=(-G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1"
+                   -DFLEXMODEL_BUILD_TOOLS=OFF -DFLEXMODEL_BUILD_EXAMPLES=OFF -DFLEXMODEL_BUILD_BENCHMARKS=OFF)
+  local writer_tests="-*Sigkill*"
+  cmake -S . -B "$asan" "${configure[@]}" -DFLEXMODEL_SANITIZE=address,undefined
+  cmake --build "$asan" -j "$(nproc)" --target flexmodel_tests flexmodel_hdf5_tests fuzz_inputs
+  # A small quarantine: the fuzz target bounds its peak memory, which a 256 MiB one would pass.
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:quarantine_size_mb=32
+  export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 OMP_NUM_THREADS=1
+  "$asan/tests/flexmodel_tests"
+  "$asan/tests/flexmodel_hdf5_tests" --gtest_filter="$writer_tests"
+  "$asan/tests/fuzz_inputs" tests/fuzz/corpus 20000 1
+  cmake -S . -B "$tsan" "${configure[@]}" -DFLEXMODEL_SANITIZE=thread
+  cmake --build "$tsan" -j "$(nproc)" --target flexmodel_hdf5_tests
+  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 "$tsan/tests/flexmodel_hdf5_tests" --gtest_filter="$writer_tests"
+}
+
 case "${1:-}" in
   deps)
     install_dependencies
@@ -66,6 +91,7 @@ print({name: f['activations'][name][kind].shape for name in f['activations'] for
     install_dependencies
     build
     ctest --test-dir "$BUILD_DIR" --output-on-failure
+    sanitized_tests
     ;;
   *)
     echo "usage: tools/setup.sh run|test|deps" >&2

@@ -222,7 +222,7 @@ void FlexModelBase::ForwardScope::commit() {
   if (!state_.sinks.empty() && (!state_.distributed() || state_.mesh->rank() == 0)) {
     for (auto& capture : state_.pending) {
       const torch::Tensor tensor = capture.copied.defined() ? capture.copied : detail::materialize(capture.pending);
-      for (auto& sink : state_.sinks) sink->write(capture.series->key.first, capture.series->key.second, state_.step, tensor);
+      detail::write_sinks(state_, capture.series->key.first, capture.series->key.second, state_.step, tensor);
     }
     if (state_.applied->captures_gradients) {
       // Its backward's gradient captures join this step; end_backward ends it.

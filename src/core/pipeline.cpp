@@ -78,9 +78,22 @@ void deliver_gradient(ModelState& state, OutputMap::Series& series, std::int64_t
                     "' (", to_string(type), ") captured a gradient of forward ", step,
                     ", whose step in the sinks has ended (a later forward began, or end_backward() or close_sinks() "
                     "ran); call backward before the next forward, and end_backward() after it");
-    for (auto& sink : state.sinks) sink->write(name, type, step, snapshot);
+    write_sinks(state, name, type, step, snapshot);
   }
   if (state.keep_outputs) state.outputs.append(series, snapshot);
+}
+
+void write_sinks(ModelState& state, const std::string& module_name, HookType type, std::int64_t step,
+                 const torch::Tensor& snapshot) {
+  const torch::Tensor owned = state.keep_outputs ? snapshot.clone() : snapshot;
+  try {
+    for (auto& sink : state.sinks) sink->write(module_name, type, step, owned);
+  } catch (...) {
+    for (auto& sink : state.sinks) sink->abort_step(step);
+    if (state.open_gradient_step == step) state.open_gradient_step = -1;
+    logger()->debug("step {} of the sinks was dropped: a sink failed to take a snapshot of '{}'", step, module_name);
+    throw;
+  }
 }
 
 namespace {

@@ -218,6 +218,13 @@ void run_pipeline(ModelState& state, HookRecord& record, torch::Tensor& tensor, 
 // the one process); HookError naming it when its forward's step has ended.
 void deliver_gradient(ModelState& state, OutputMap::Series& series, std::int64_t step, const torch::Tensor& snapshot);
 
+// Hands one snapshot to every sink: a copy of it when the output map keeps it
+// too, so that a program editing outputs() in place never races a background
+// writer. When a sink throws, every sink forgets `step` (a step is all or
+// nothing) and the error propagates.
+void write_sinks(ModelState& state, const std::string& module_name, HookType type, std::int64_t step,
+                 const torch::Tensor& snapshot);
+
 // The slot of a module's key in a selection's open-addressing site table.
 std::size_t site_slot(const void* key, unsigned shift) noexcept;
 

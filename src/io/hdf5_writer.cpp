@@ -2,26 +2,7 @@
 // is opened; gzip chunks are shuffled and deflated by a small pool and written
 // whole with H5Dwrite_chunk, so the file reads as if HDF5 had compressed it.
 //
-// How a killed process keeps its committed steps (HDF5 1.10 has no journal):
-// - metadata reaches the file only at a commit: the metadata cache never
-//   evicts, and the file has no free-space manager (strategy NONE), so space
-//   that the last commit's metadata points at is never handed out again;
-// - after each commit the end of the allocated space (EOA) moves on by a byte,
-//   so that a block freed later is never "at the end" and reused by shrinking;
-// - a commit flushes twice: everything of the step, then the root attribute
-//   `steps`, the record a reader trusts, so a kill inside the first flush
-//   leaves the previous record;
-// - before a flush the file is extended past the EOA and the superblock on
-//   disk is told so: HDF5 writes its own superblock (with the EOA) last in a
-//   flush, so metadata written before it may point past the end the old one
-//   records, which HDF5 refuses ("addr overflow"); with the end recorded
-//   first, the superblock covers every address on disk at every moment;
-// - chunks are indexed by extensible arrays, whose entries never move (a v1
-//   B-tree split writes the parent before the new node);
-// - a step's last, partial chunk is written unfiltered (filter mask: skip
-//   all) and rewritten in place until full, so committed rows keep their place;
-// - superblock version 2 (no SWMR, no version 3) records no "open for writing"
-//   flag that would make h5py refuse the file after a crash.
+// How a killed process keeps its committed steps ("the top" below): see io/hdf5_format.h.
 #include "flexmodel/io/hdf5_writer.h"
 
 #include <fcntl.h>
@@ -31,27 +12,27 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
-#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <deque>
 #include <exception>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <future>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string_view>
 #include <utility>
 #include <vector>
 
 #include <hdf5.h>
-#include <zlib.h>
 
 #include <torch/types.h>
 #include <torch/utils.h>
@@ -60,532 +41,22 @@
 #include "flexmodel/logging.h"
 #include "flexmodel/output_map.h"
 #include "flexmodel/version.h"
+#include "io/hdf5_chunks.h"
+#include "io/hdf5_compression.h"
+#include "io/hdf5_format.h"
+#include "io/hdf5_handles.h"
 
 namespace flexmodel::io {
 
 namespace {
 
-using detail::concat;
+using ::flexmodel::detail::concat;
+using namespace ::flexmodel::io::detail;
 
 constexpr std::int64_t kLayoutVersion = 1;
-constexpr const char* kRootGroupName = "(root)";
 constexpr hsize_t kRowsPerStepChunk = 1024;
 // Space a flush may allocate beyond the end it starts from (see flush_file).
 constexpr std::uint64_t kFlushReserveBytes = std::uint64_t{1} << 20;
-
-// ---- the end of the file in the superblock ------------------------------
-
-// Bob Jenkins' lookup3 hash (hashlittle, initial value 0): HDF5's metadata checksum.
-std::uint32_t lookup3_checksum(const unsigned char* key, std::size_t length) {
-  auto rotate = [](std::uint32_t x, int k) { return (x << k) | (x >> (32 - k)); };
-  std::uint32_t a, b, c;
-  a = b = c = 0xdeadbeefu + static_cast<std::uint32_t>(length);
-  auto word = [&](std::size_t i, std::size_t available) {
-    std::uint32_t value = 0;
-    for (std::size_t byte = 0; byte < 4 && byte < available; ++byte) value |= std::uint32_t{key[i + byte]} << (8 * byte);
-    return value;
-  };
-  while (length > 12) {
-    a += word(0, 4), b += word(4, 4), c += word(8, 4);
-    a -= c, a ^= rotate(c, 4), c += b;
-    b -= a, b ^= rotate(a, 6), a += c;
-    c -= b, c ^= rotate(b, 8), b += a;
-    a -= c, a ^= rotate(c, 16), c += b;
-    b -= a, b ^= rotate(a, 19), a += c;
-    c -= b, c ^= rotate(b, 4), b += a;
-    key += 12, length -= 12;
-  }
-  if (length == 0) return c;
-  a += word(0, length), b += length > 4 ? word(4, length - 4) : 0, c += length > 8 ? word(8, length - 8) : 0;
-  c ^= b, c -= rotate(b, 14);
-  a ^= c, a -= rotate(c, 11);
-  b ^= a, b -= rotate(a, 25);
-  c ^= b, c -= rotate(b, 16);
-  a ^= c, a -= rotate(c, 4);
-  b ^= a, b -= rotate(a, 14);
-  c ^= b, c -= rotate(b, 24);
-  return c;
-}
-
-// A version 2 or 3 superblock at offset 0 with 8-byte addresses and base
-// address 0 (what this writer creates): signature, version, sizes, flags,
-// then base, extension, end-of-file and root addresses, then the checksum.
-struct Superblock {
-  static constexpr std::size_t kBytes = 48;
-  static constexpr std::size_t kEndOffset = 28;
-  static constexpr std::size_t kChecksumOffset = 44;
-  unsigned char bytes[kBytes];
-
-  // Reads it from `fd`; false when the file does not start with one whose checksum matches.
-  bool read(int fd) {
-    if (::pread(fd, bytes, kBytes, 0) != static_cast<ssize_t>(kBytes)) return false;
-    return std::memcmp(bytes, "\x89HDF\r\n\x1a\n", 8) == 0 && (bytes[8] == 2 || bytes[8] == 3) && bytes[9] == 8 &&
-           load(12, 8) == 0 && lookup3_checksum(bytes, kChecksumOffset) == load(kChecksumOffset, 4);
-  }
-  std::uint64_t end() const { return load(kEndOffset, 8); }
-  bool write_end(int fd, std::uint64_t end) {
-    store(kEndOffset, 8, end);
-    store(kChecksumOffset, 4, lookup3_checksum(bytes, kChecksumOffset));
-    return ::pwrite(fd, bytes, kBytes, 0) == static_cast<ssize_t>(kBytes);
-  }
-
- private:
-  std::uint64_t load(std::size_t at, std::size_t size) const {
-    std::uint64_t value = 0;
-    for (std::size_t i = 0; i < size; ++i) value |= std::uint64_t{bytes[at + i]} << (8 * i);
-    return value;
-  }
-  void store(std::size_t at, std::size_t size, std::uint64_t value) {
-    for (std::size_t i = 0; i < size; ++i) bytes[at + i] = static_cast<unsigned char>(value >> (8 * i));
-  }
-};
-
-// ---- HDF5 errors ---------------------------------------------------------
-
-herr_t append_error(unsigned n, const H5E_error2_t* error, void* text_ptr) {
-  auto& text = *static_cast<std::string*>(text_ptr);
-  char minor[256] = "";
-  H5Eget_msg(error->min_num, nullptr, minor, sizeof minor);
-  std::string description = error->desc != nullptr ? error->desc : "";
-  std::replace(description.begin(), description.end(), '\n', ' ');  // sec2's messages embed ctime()
-  text += concat(n == 0 ? "" : "; ", error->func_name, "(): ", description);
-  if (minor[0] != '\0') text += concat(" (", minor, ")");
-  return 0;
-}
-
-// Empties this thread's HDF5 error stack into one line, innermost cause last.
-std::string take_error_stack() {
-  std::string text;
-  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, append_error, &text);
-  H5Eclear2(H5E_DEFAULT);
-  return text.empty() ? "HDF5 left no error stack" : text;
-}
-
-[[noreturn]] void fail_hdf5(const char* source, int line, const std::string& what) {
-  detail::throw_error<IOError>(source, line, concat(what, "; HDF5 error stack: ", take_error_stack()));
-}
-
-// FLEXMODEL_H5(call, message parts...): the call's result, or IOError with the
-// message and HDF5's error stack when it is negative.
-#define FLEXMODEL_H5(call, ...)                                                          \
-  ([&] {                                                                                 \
-    auto result_ = (call);                                                               \
-    if (result_ < 0) [[unlikely]] {                                                      \
-      fail_hdf5(__FILE__, __LINE__, ::flexmodel::detail::concat(__VA_ARGS__));           \
-    }                                                                                    \
-    return result_;                                                                      \
-  }())
-
-// HDF5 prints its error stack to stderr unless told otherwise; this thread's
-// setting is restored on leaving, since it may belong to the application.
-class QuietErrors {
- public:
-  QuietErrors() {
-    H5Eget_auto2(H5E_DEFAULT, &function_, &data_);
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  }
-  ~QuietErrors() { H5Eset_auto2(H5E_DEFAULT, function_, data_); }
-  QuietErrors(const QuietErrors&) = delete;
-  QuietErrors& operator=(const QuietErrors&) = delete;
-
- private:
-  H5E_auto2_t function_ = nullptr;
-  void* data_ = nullptr;
-};
-
-// An HDF5 identifier closed on destruction (a failed close there has nobody to tell).
-class Handle {
- public:
-  using Closer = herr_t (*)(hid_t);
-  Handle() = default;
-  Handle(hid_t id, Closer closer) : id_(id), closer_(closer) {}
-  Handle(Handle&& other) noexcept : id_(std::exchange(other.id_, H5I_INVALID_HID)), closer_(other.closer_) {}
-  Handle& operator=(Handle&& other) noexcept {
-    if (this != &other) {
-      reset();
-      id_ = std::exchange(other.id_, H5I_INVALID_HID);
-      closer_ = other.closer_;
-    }
-    return *this;
-  }
-  ~Handle() { reset(); }
-
-  hid_t get() const { return id_; }
-  explicit operator bool() const { return id_ >= 0; }
-  hid_t release() { return std::exchange(id_, H5I_INVALID_HID); }
-  void reset() {
-    if (id_ >= 0 && closer_(std::exchange(id_, H5I_INVALID_HID)) < 0) H5Eclear2(H5E_DEFAULT);
-  }
-
- private:
-  hid_t id_ = H5I_INVALID_HID;
-  Closer closer_ = nullptr;
-};
-
-// ---- types and attributes ------------------------------------------------
-
-bool storable(c10::ScalarType dtype) {
-  switch (dtype) {
-    case torch::kBool:
-    case torch::kUInt8:
-    case torch::kInt8:
-    case torch::kInt16:
-    case torch::kInt32:
-    case torch::kInt64:
-    case torch::kFloat16:
-    case torch::kBFloat16:
-    case torch::kFloat32:
-    case torch::kFloat64:
-      return true;
-    default:
-      return false;
-  }
-}
-
-std::optional<c10::ScalarType> dtype_from_name(const std::string& name) {
-  for (auto dtype : {torch::kBool, torch::kUInt8, torch::kInt8, torch::kInt16, torch::kInt32, torch::kInt64,
-                     torch::kFloat16, torch::kBFloat16, torch::kFloat32, torch::kFloat64}) {
-    if (dtype_name(dtype) == name) return dtype;
-  }
-  return std::nullopt;
-}
-
-std::optional<HookType> hook_type_from_name(const std::string& name) {
-  for (auto type : {HookType::forward, HookType::forward_pre, HookType::full_backward, HookType::full_backward_pre,
-                    HookType::tensor}) {
-    if (to_string(type) == name) return type;
-  }
-  return std::nullopt;
-}
-
-// What a dataset holds and how: bfloat16 goes to disk as float32 unless its bits are kept.
-struct Storage {
-  c10::ScalarType dtype;
-  bool bfloat16_bits = false;
-
-  c10::ScalarType written() const {
-    return dtype == torch::kBFloat16 && !bfloat16_bits ? torch::kFloat32 : dtype;
-  }
-};
-
-Handle copy_type(hid_t type) { return Handle(FLEXMODEL_H5(H5Tcopy(type), "could not copy an HDF5 type"), H5Tclose); }
-
-// Little-endian file types, as h5py writes them: float16 is IEEE half built
-// from float32 (HDF5 1.10 has no predefined one), bool the enum {FALSE, TRUE}
-// of int8; numpy reads both back as float16 and bool.
-Handle file_type(const Storage& storage) {
-  switch (storage.dtype) {
-    case torch::kBool: {
-      Handle type(FLEXMODEL_H5(H5Tenum_create(H5T_NATIVE_INT8), "could not create the bool type"), H5Tclose);
-      const std::int8_t no = 0, yes = 1;
-      FLEXMODEL_H5(H5Tenum_insert(type.get(), "FALSE", &no), "could not create the bool type");
-      FLEXMODEL_H5(H5Tenum_insert(type.get(), "TRUE", &yes), "could not create the bool type");
-      return type;
-    }
-    case torch::kUInt8: return copy_type(H5T_STD_U8LE);
-    case torch::kInt8: return copy_type(H5T_STD_I8LE);
-    case torch::kInt16: return copy_type(H5T_STD_I16LE);
-    case torch::kInt32: return copy_type(H5T_STD_I32LE);
-    case torch::kInt64: return copy_type(H5T_STD_I64LE);
-    case torch::kFloat16: {
-      Handle type = copy_type(H5T_IEEE_F32LE);
-      FLEXMODEL_H5(H5Tset_fields(type.get(), 15, 10, 5, 0, 10), "could not create the float16 type");
-      FLEXMODEL_H5(H5Tset_size(type.get(), 2), "could not create the float16 type");
-      FLEXMODEL_H5(H5Tset_ebias(type.get(), 15), "could not create the float16 type");
-      return type;
-    }
-    case torch::kBFloat16: return copy_type(storage.bfloat16_bits ? H5T_STD_U16LE : H5T_IEEE_F32LE);
-    case torch::kFloat32: return copy_type(H5T_IEEE_F32LE);
-    case torch::kFloat64: return copy_type(H5T_IEEE_F64LE);
-    default: FLEXMODEL_FAIL(ShapeError, "HDF5Writer cannot store ", dtype_name(storage.dtype));
-  }
-}
-
-Handle utf8_string_type() {
-  Handle type = copy_type(H5T_C_S1);
-  FLEXMODEL_H5(H5Tset_size(type.get(), H5T_VARIABLE), "could not create a string type");
-  FLEXMODEL_H5(H5Tset_cset(type.get(), H5T_CSET_UTF8), "could not create a string type");
-  return type;
-}
-
-// Variable-length UTF-8 strings: h5py reads them as str.
-void write_attribute(hid_t object, const char* name, const std::string& value, const std::string& where) {
-  Handle type = utf8_string_type();
-  Handle space(FLEXMODEL_H5(H5Screate(H5S_SCALAR), "could not create a dataspace"), H5Sclose);
-  Handle attribute(FLEXMODEL_H5(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
-                                "could not create attribute '", name, "' of ", where),
-                   H5Aclose);
-  const char* text = value.c_str();
-  FLEXMODEL_H5(H5Awrite(attribute.get(), type.get(), &text), "could not write attribute '", name, "' of ", where);
-}
-
-// Scalar int64, created or overwritten in place.
-void write_attribute(hid_t object, const char* name, std::int64_t value, const std::string& where) {
-  Handle attribute;
-  if (FLEXMODEL_H5(H5Aexists(object, name), "could not look for attribute '", name, "' of ", where) > 0) {
-    attribute = Handle(FLEXMODEL_H5(H5Aopen(object, name, H5P_DEFAULT), "could not open attribute '", name, "' of ",
-                                    where),
-                       H5Aclose);
-  } else {
-    Handle space(FLEXMODEL_H5(H5Screate(H5S_SCALAR), "could not create a dataspace"), H5Sclose);
-    attribute = Handle(FLEXMODEL_H5(H5Acreate2(object, name, H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
-                                    "could not create attribute '", name, "' of ", where),
-                       H5Aclose);
-  }
-  FLEXMODEL_H5(H5Awrite(attribute.get(), H5T_NATIVE_INT64, &value), "could not write attribute '", name, "' of ",
-               where);
-}
-
-std::optional<std::string> read_string_attribute(hid_t object, const char* name, const std::string& where) {
-  if (FLEXMODEL_H5(H5Aexists(object, name), "could not look for attribute '", name, "' of ", where) <= 0) {
-    return std::nullopt;
-  }
-  Handle attribute(FLEXMODEL_H5(H5Aopen(object, name, H5P_DEFAULT), "could not open attribute '", name, "' of ", where),
-                   H5Aclose);
-  Handle stored(FLEXMODEL_H5(H5Aget_type(attribute.get()), "could not read attribute '", name, "' of ", where),
-                H5Tclose);
-  if (H5Tget_class(stored.get()) != H5T_STRING) return std::nullopt;
-  if (H5Tis_variable_str(stored.get()) > 0) {
-    Handle type = utf8_string_type();
-    char* text = nullptr;
-    FLEXMODEL_H5(H5Aread(attribute.get(), type.get(), &text), "could not read attribute '", name, "' of ", where);
-    std::string value = text != nullptr ? text : "";
-    H5free_memory(text);
-    return value;
-  }
-  std::string value(H5Tget_size(stored.get()), '\0');
-  FLEXMODEL_H5(H5Aread(attribute.get(), stored.get(), value.data()), "could not read attribute '", name, "' of ",
-               where);
-  return value.substr(0, value.find('\0'));
-}
-
-std::optional<std::int64_t> read_int_attribute(hid_t object, const char* name, const std::string& where) {
-  if (FLEXMODEL_H5(H5Aexists(object, name), "could not look for attribute '", name, "' of ", where) <= 0) {
-    return std::nullopt;
-  }
-  Handle attribute(FLEXMODEL_H5(H5Aopen(object, name, H5P_DEFAULT), "could not open attribute '", name, "' of ", where),
-                   H5Aclose);
-  std::int64_t value = 0;
-  FLEXMODEL_H5(H5Aread(attribute.get(), H5T_NATIVE_INT64, &value), "could not read attribute '", name, "' of ", where);
-  return value;
-}
-
-Handle open_or_create_group(hid_t parent, const std::string& name, const std::string& where) {
-  if (FLEXMODEL_H5(H5Lexists(parent, name.c_str(), H5P_DEFAULT), "could not look for group ", where) > 0) {
-    return Handle(FLEXMODEL_H5(H5Gopen2(parent, name.c_str(), H5P_DEFAULT), "could not open group ", where), H5Gclose);
-  }
-  return Handle(FLEXMODEL_H5(H5Gcreate2(parent, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
-                             "could not create group ", where),
-                H5Gclose);
-}
-
-herr_t append_link_name(hid_t, const char* name, const H5L_info_t*, void* names) {
-  static_cast<std::vector<std::string>*>(names)->emplace_back(name);
-  return 0;
-}
-
-std::vector<std::string> link_names(hid_t group, const std::string& where) {
-  std::vector<std::string> names;
-  FLEXMODEL_H5(H5Literate(group, H5_INDEX_NAME, H5_ITER_INC, nullptr, append_link_name, &names),
-               "could not list the members of ", where);
-  return names;
-}
-
-// ---- compression ---------------------------------------------------------
-
-struct Compression {
-  enum class Kind : std::uint8_t { none, gzip, plugin };
-  Kind kind = Kind::none;
-  int level = 0;                   // gzip
-  H5Z_filter_t filter = 0;         // plugin
-  std::vector<unsigned> settings;  // plugin cd_values
-  std::string text;
-};
-
-int compression_level(const std::string& text, std::size_t colon, int fallback, int low, int high) {
-  if (colon == std::string::npos) return fallback;
-  const std::string digits = text.substr(colon + 1);
-  int level = -1;
-  if (!digits.empty() && digits.size() <= 2 && digits.find_first_not_of("0123456789") == std::string::npos) {
-    level = std::stoi(digits);
-  }
-  FLEXMODEL_CHECK(level >= low && level <= high, ConfigError, "compression '", text, "': the level after ':' is ", low,
-                  " to ", high);
-  return level;
-}
-
-Compression parse_compression(const std::string& text) {
-  const std::size_t colon = text.find(':');
-  const std::string name = text.substr(0, colon);
-  Compression compression;
-  compression.text = text;
-  if (name == "none" && colon == std::string::npos) return compression;
-  if (name == "gzip") {
-    compression.kind = Compression::Kind::gzip;
-    compression.level = compression_level(text, colon, 4, 0, 9);
-    return compression;
-  }
-  compression.kind = Compression::Kind::plugin;
-  const char* package = nullptr;  // Debian's package with HDF5's filter plugin
-  if (name == "lz4" && colon == std::string::npos) {
-    compression.filter = 32004;
-    compression.settings = {0};  // the filter's default block size
-    package = "hdf5-filter-plugin";
-  } else if (name == "zstd") {
-    compression.filter = 32015;
-    compression.settings = {static_cast<unsigned>(compression_level(text, colon, 3, 1, 22))};
-  } else if (name == "blosc") {
-    // Blosc's first four values are filled in by the filter; then level, byte shuffle, lz4.
-    compression.filter = 32001;
-    compression.settings = {0, 0, 0, 0, static_cast<unsigned>(compression_level(text, colon, 5, 0, 9)), 1, 1};
-    package = "hdf5-filter-plugin-blosc-serial";
-  } else {
-    FLEXMODEL_FAIL(ConfigError, "unknown compression '", text,
-                   "': use none, gzip[:0-9], lz4, zstd[:1-22] or blosc[:0-9]");
-  }
-  FLEXMODEL_CHECK(H5Zfilter_avail(compression.filter) > 0, ConfigError, "compression '", text,
-                  "' needs HDF5's filter plugin ", compression.filter, " (", name, "), which HDF5 cannot load: ",
-                  package != nullptr ? concat("install Debian's ", package, " (apt-get install ", package, ")")
-                                     : std::string("Debian ships none; build one"),
-                  " or point HDF5_PLUGIN_PATH at the plugin. Readers need it too; gzip needs no plugin");
-  H5Eclear2(H5E_DEFAULT);
-  return compression;
-}
-
-// HDF5's shuffle filter, by hand: byte j of every element goes to block j.
-void shuffle(const unsigned char* input, std::size_t bytes, std::size_t element, unsigned char* output) {
-  const std::size_t count = bytes / element;
-  for (std::size_t j = 0; j < element; ++j) {
-    unsigned char* block = output + j * count;
-    const unsigned char* source = input + j;
-    for (std::size_t i = 0; i < count; ++i) block[i] = source[i * element];
-  }
-  std::memcpy(output + count * element, input + count * element, bytes - count * element);
-}
-
-// HDF5's shuffle + deflate pipeline for one chunk, with a deflate stream kept per thread.
-std::vector<unsigned char> shuffle_deflate(const unsigned char* input, std::size_t bytes, std::size_t element,
-                                           int level) {
-  struct Deflater {
-    z_stream stream{};
-    int level = -1;
-    std::vector<unsigned char> shuffled;
-    ~Deflater() {
-      if (level >= 0) deflateEnd(&stream);
-    }
-  };
-  thread_local Deflater deflater;
-  if (deflater.level != level) {
-    if (deflater.level >= 0) deflateEnd(&deflater.stream);
-    deflater.level = -1;
-    deflater.stream = z_stream{};
-    FLEXMODEL_CHECK(deflateInit(&deflater.stream, level) == Z_OK, IOError, "zlib could not start deflate level ",
-                    level);
-    deflater.level = level;
-  } else {
-    deflateReset(&deflater.stream);
-  }
-  if (element > 1 && bytes >= 2 * element) {
-    deflater.shuffled.resize(bytes);
-    shuffle(input, bytes, element, deflater.shuffled.data());
-    input = deflater.shuffled.data();
-  }
-  std::vector<unsigned char> output(deflateBound(&deflater.stream, bytes));
-  deflater.stream.next_in = const_cast<Bytef*>(input);
-  deflater.stream.avail_in = static_cast<uInt>(bytes);
-  deflater.stream.next_out = output.data();
-  deflater.stream.avail_out = static_cast<uInt>(output.size());
-  const int status = deflate(&deflater.stream, Z_FINISH);
-  FLEXMODEL_CHECK(status == Z_STREAM_END, IOError, "zlib deflate failed (", status, "): ",
-                  deflater.stream.msg != nullptr ? deflater.stream.msg : "no message");
-  output.resize(deflater.stream.total_out);
-  return output;
-}
-
-// Compresses chunks on a few threads, first in first out.
-class CompressionPool {
- public:
-  using Job = std::packaged_task<std::vector<unsigned char>()>;
-
-  explicit CompressionPool(int threads) {
-    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { run(); });
-  }
-  ~CompressionPool() {
-    {
-      std::lock_guard lock(mutex_);
-      stop_ = true;
-    }
-    ready_.notify_all();
-    for (auto& thread : threads_) thread.join();
-  }
-  CompressionPool(const CompressionPool&) = delete;
-  CompressionPool& operator=(const CompressionPool&) = delete;
-
-  std::future<std::vector<unsigned char>> submit(std::function<std::vector<unsigned char>()> work) {
-    Job job(std::move(work));
-    auto result = job.get_future();
-    {
-      std::lock_guard lock(mutex_);
-      jobs_.push_back(std::move(job));
-    }
-    ready_.notify_one();
-    return result;
-  }
-
-  std::size_t size() const { return threads_.size(); }
-
- private:
-  void run() {
-    pthread_setname_np(pthread_self(), "flexmodel-gzip");
-    for (;;) {
-      Job job;
-      {
-        std::unique_lock lock(mutex_);
-        ready_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
-        if (jobs_.empty()) return;
-        job = std::move(jobs_.front());
-        jobs_.pop_front();
-      }
-      job();
-    }
-  }
-
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<Job> jobs_;
-  bool stop_ = false;
-  std::vector<std::thread> threads_;
-};
-
-// ---- chunk shape ---------------------------------------------------------
-
-// One step's rows per chunk, split into even pieces above max_bytes and
-// merged across steps below min_bytes; a row larger than max_bytes is first
-// cut along its outer dims.
-std::vector<hsize_t> chunk_shape(hsize_t step_rows, const std::vector<hsize_t>& trailing, std::size_t element,
-                                 std::size_t min_bytes, std::size_t max_bytes) {
-  std::vector<hsize_t> chunk{1};
-  chunk.insert(chunk.end(), trailing.begin(), trailing.end());
-  hsize_t row_bytes = element;
-  for (hsize_t size : trailing) row_bytes *= size;
-  for (std::size_t d = 1; d < chunk.size() && row_bytes > max_bytes; ++d) {
-    const hsize_t inner = row_bytes / chunk[d];
-    chunk[d] = std::max<hsize_t>(1, max_bytes / inner);
-    row_bytes = inner * chunk[d];
-  }
-  const hsize_t rows = std::max<hsize_t>(1, step_rows);
-  const hsize_t step_bytes = rows * row_bytes;
-  if (step_bytes > max_bytes) {
-    const hsize_t pieces = (step_bytes + max_bytes - 1) / max_bytes;
-    chunk[0] = std::max<hsize_t>(1, std::min((rows + pieces - 1) / pieces, max_bytes / row_bytes));
-  } else if (step_bytes < min_bytes) {
-    const hsize_t steps = std::min((min_bytes + step_bytes - 1) / step_bytes, max_bytes / step_bytes);
-    chunk[0] = rows * std::max<hsize_t>(1, steps);
-  } else {
-    chunk[0] = rows;
-  }
-  return chunk;
-}
 
 std::string iso8601_utc_now() {
   const std::time_t now = std::time(nullptr);
@@ -604,59 +75,7 @@ std::string own_command_line() {
   return raw;
 }
 
-// fsync of a file and of the folder that names it.
-void sync_path(const std::string& path) {
-  for (const std::string& target : {path, std::filesystem::path(path).parent_path().string()}) {
-    const int fd = ::open(target.empty() ? "." : target.c_str(), O_RDONLY | O_CLOEXEC);
-    FLEXMODEL_CHECK(fd >= 0, IOError, "could not open '", target, "' to sync it: ", std::strerror(errno));
-    const int status = ::fsync(fd);
-    const int error = errno;
-    ::close(fd);
-    FLEXMODEL_CHECK(status == 0, IOError, "could not fsync '", target, "': ", std::strerror(error));
-  }
-}
-
-// Datasets created from here on index their chunks with an extensible array
-// (HDF5 1.10's format), whose committed entries never move; the v1 B-tree
-// moves half a node's entries into a new node when it splits, and a kill in
-// that flush leaves a parent pointing at a node not yet written. The
-// superblock keeps its version 2 (see the top).
-void index_chunks_by_extensible_arrays(hid_t file) {
-  FLEXMODEL_H5(H5Fset_libver_bounds(file, H5F_LIBVER_V110, H5F_LIBVER_V110), "could not choose HDF5 1.10's chunk index");
-}
-
-// A closed file loses the reserve its last flush added past the end (see flush_file).
-void trim_to_recorded_end(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-  FLEXMODEL_CHECK(fd >= 0, IOError, "could not open '", path, "' to trim it: ", std::strerror(errno));
-  Superblock superblock;
-  struct stat status {};
-  int result = 0;
-  if (superblock.read(fd) && ::fstat(fd, &status) == 0 && static_cast<std::uint64_t>(status.st_size) > superblock.end()) {
-    result = ::ftruncate(fd, static_cast<off_t>(superblock.end()));
-  }
-  const int error = errno;
-  ::close(fd);
-  FLEXMODEL_CHECK(result == 0, IOError, "could not trim '", path, "' to its end: ", std::strerror(error));
-}
-
-// Moves `from` to `to`; an existing `to` is replaced only when `replace` is set.
-void move_file(const std::string& from, const std::string& to, bool replace) {
-  int status = replace ? std::rename(from.c_str(), to.c_str())
-                       : ::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE);
-  if (status != 0 && !replace && errno == EINVAL) {  // a file system without RENAME_NOREPLACE
-    status = ::link(from.c_str(), to.c_str());
-    if (status == 0) ::unlink(from.c_str());
-  }
-  FLEXMODEL_CHECK(status == 0, IOError, "could not rename '", from, "' to '", to, "': ", std::strerror(errno),
-                  errno == EEXIST ? " (another program created it meanwhile)" : "");
-}
-
 }  // namespace
-
-std::string hdf5_dataset_path(const std::string& module_name, HookType type) {
-  return concat("/activations/", module_name.empty() ? kRootGroupName : module_name, "/", to_string(type));
-}
 
 // ---- the writer ----------------------------------------------------------
 
@@ -666,6 +85,7 @@ class HDF5Writer::Impl {
 
   void write(const std::string& module_name, HookType type, std::int64_t step, const torch::Tensor& snapshot);
   void end_step(std::int64_t step);
+  void abort_step(std::int64_t step) noexcept;
   void flush();
   void close();
   std::int64_t committed_steps() const { return committed_steps_.load(std::memory_order_acquire); }
@@ -709,7 +129,7 @@ class HDF5Writer::Impl {
   };
 
   struct Item {
-    enum class Kind : std::uint8_t { data, end_step, flush, close };
+    enum class Kind : std::uint8_t { data, end_step, flush, close, abandon };
     Kind kind = Kind::data;
     std::uint64_t sequence = 0;
     std::int64_t step = 0;
@@ -717,6 +137,7 @@ class HDF5Writer::Impl {
     torch::Tensor tensor;
     // Gives the snapshot's bytes back to the budget once nothing refers to it.
     std::shared_ptr<void> budget;
+    std::exception_ptr error;  // abandon: why
   };
 
   struct InFlight {
@@ -730,6 +151,8 @@ class HDF5Writer::Impl {
   // Caller side.
   void check_usable(const char* call);
   std::uint64_t enqueue(Item item, std::unique_lock<std::mutex>& lock);
+  void enqueue_staged();
+  bool refuse_unless_continues_file();
   void check_layout(const Key& key, const Layout& layout);
   void release_budget(std::size_t bytes);
 
@@ -758,6 +181,7 @@ class HDF5Writer::Impl {
   void set_extent(Dataset& dataset);
   void commit(bool new_step, bool last = false);
   void flush_file(const char* what);
+  void check_size_limit(std::uint64_t more);
   std::string dataset_list() const;
   void finish();
 
@@ -769,7 +193,14 @@ class HDF5Writer::Impl {
   mutable std::mutex mutex_;
   std::condition_variable queued_, space_, done_;
   std::deque<Item> queue_;
-  std::size_t queued_bytes_ = 0;
+  // The writes of the step not yet ended: queued only by end_step (or close),
+  // so a step that is aborted never reaches the file.
+  std::vector<Item> staged_;
+  std::map<Key, Layout> staged_layouts_;  // of datasets the staged writes begin
+  std::size_t staged_bytes_ = 0;
+  // Appending: the datasets of the file, until the first step has matched them.
+  std::set<Key> file_keys_;
+  std::size_t queued_bytes_ = 0;  // queued or staged, not yet written
   std::uint64_t next_sequence_ = 0, done_sequence_ = 0;
   std::exception_ptr error_;
   bool error_reported_ = false;
@@ -784,6 +215,9 @@ class HDF5Writer::Impl {
   bool published_ = false;
   int file_descriptor_ = -1;
   int partial_lock_ = -1;  // holds the flock on `<path>.partial` while this writer owns it
+  const std::uint64_t size_limit_ = file_size_limit();
+  Superblock original_superblock_{};  // of a file appended to, as it was before opening
+  bool restore_superblock_ = false;    // until a step is committed
   std::map<Key, std::unique_ptr<Dataset>> datasets_;
   std::int64_t steps_ = 0;
   std::int64_t step_ = 0;  // the caller's step of the snapshot being written
@@ -802,6 +236,14 @@ HDF5Writer::Impl::Impl(const std::string& path, HDF5WriterOptions options)
   FLEXMODEL_CHECK(!(options_.overwrite() && options_.append()), ConfigError, "HDF5Writer for '", path_,
                   "': overwrite and append exclude each other");
   FLEXMODEL_CHECK(options_.memory_budget() > 0, ConfigError, "HDF5Writer: memory_budget must be positive");
+  if (options_.crash_safe()) {
+    unsigned major = 0, minor = 0, release = 0;
+    H5get_libversion(&major, &minor, &release);
+    FLEXMODEL_CHECK(major == 1 && minor == 10, ConfigError, "HDF5Writer for '", path_,
+                    "': keeping files readable after a crash relies on HDF5 1.10's flush order, and this is HDF5 ",
+                    major, ".", minor, ".", release, "; pass crash_safe(false) (flex-dump --no-crash-safety) to write "
+                    "files that are whole once closed, but may be unreadable after a crash");
+  }
   FLEXMODEL_CHECK(options_.min_chunk_bytes() > 0 && options_.min_chunk_bytes() <= options_.max_chunk_bytes() &&
                       options_.max_chunk_bytes() < (std::size_t{1} << 32),
                   ConfigError, "HDF5Writer: chunk bytes need 0 < min_chunk_bytes (", options_.min_chunk_bytes(),
@@ -838,6 +280,8 @@ HDF5Writer::Impl::Impl(const std::string& path, HDF5WriterOptions options)
 
 Handle HDF5Writer::Impl::file_access(bool hdf5_locks) const {
   Handle access(FLEXMODEL_H5(H5Pcreate(H5P_FILE_ACCESS), "could not create a property list"), H5Pclose);
+  // The descriptor the superblock is patched through is sec2's, whatever HDF5_DRIVER says.
+  FLEXMODEL_H5(H5Pset_fapl_sec2(access.get()), "could not choose HDF5's sec2 driver");
   if (!hdf5_locks) {
     FLEXMODEL_H5(H5Pset_file_locking(access.get(), false, true), "could not turn HDF5's file locks off");
   }
@@ -906,6 +350,13 @@ void HDF5Writer::Impl::create_file() {
 void HDF5Writer::Impl::open_file() {
   file_path_ = path_;
   published_ = true;
+  {
+    // HDF5 marks the superblock while the file is open: put back if nothing is committed.
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    const bool known = fd >= 0 && original_superblock_.read(fd);
+    if (fd >= 0) ::close(fd);
+    restore_superblock_ = known;
+  }
   Handle access = file_access();
   file_ = Handle(FLEXMODEL_H5(H5Fopen(path_.c_str(), H5F_ACC_RDWR, access.get()), "could not open '", path_,
                               "' to append to it"),
@@ -917,6 +368,10 @@ void HDF5Writer::Impl::open_file() {
                   "': it has no root attribute layout_version, so flexmodel did not write it");
   FLEXMODEL_CHECK(*version == kLayoutVersion, IOError, "cannot append to '", path_, "': its layout_version is ",
                   *version, ", this flexmodel writes ", kLayoutVersion);
+  FLEXMODEL_CHECK(restore_superblock_ || !options_.crash_safe(), IOError, "cannot append to '", path_,
+                  "' crash-safely: its superblock is not the version 2 one this writer creates (was it rewritten, "
+                  "by h5repack say?); pass crash_safe(false) (flex-dump --no-crash-safety) to append without that "
+                  "guarantee, or write another file");
   steps_ = read_int_attribute(root, "steps", at).value_or(0);
   const auto model = read_string_attribute(root, "model", at).value_or("");
   const auto tp = read_int_attribute(root, "tp", at).value_or(1), pp = read_int_attribute(root, "pp", at).value_or(1),
@@ -1049,6 +504,7 @@ void HDF5Writer::Impl::load_dataset(const std::string& path) {
                  "could not read the last rows of ", at);
   }
   const Key key(*module_name, *hook_type);
+  file_keys_.insert(key);
   layouts_[key] = Layout{storage, std::vector<std::int64_t>(dataset->trailing.begin(), dataset->trailing.end())};
   datasets_[key] = std::move(dataset);
 }
@@ -1072,9 +528,60 @@ std::uint64_t HDF5Writer::Impl::enqueue(Item item, std::unique_lock<std::mutex>&
   return sequence;
 }
 
+// Under mutex_.
+void HDF5Writer::Impl::enqueue_staged() {
+  for (auto& item : staged_) {
+    item.sequence = ++next_sequence_;
+    queue_.push_back(std::move(item));
+  }
+  staged_.clear();
+  staged_bytes_ = 0;
+  layouts_.merge(staged_layouts_);
+}
+
+// Under mutex_. Appending, the first step must write exactly the datasets of
+// the file: rows of other hook points would sit in the file's steps as if one
+// run had written them. Else the writer fails, leaving the file as it was.
+bool HDF5Writer::Impl::refuse_unless_continues_file() {
+  if (file_keys_.empty() || staged_.empty()) return false;
+  const std::set<Key> file_keys = std::exchange(file_keys_, {});
+  std::set<Key> keys;
+  for (const auto& item : staged_) keys.insert(item.key);
+  if (keys == file_keys) return false;
+  std::vector<Key> missing, extra;
+  std::set_difference(file_keys.begin(), file_keys.end(), keys.begin(), keys.end(), std::back_inserter(missing));
+  std::set_difference(keys.begin(), keys.end(), file_keys.begin(), file_keys.end(), std::back_inserter(extra));
+  const auto name = [](const std::vector<Key>& some) {
+    return some.empty() ? std::string("none")
+                        : concat("'", hdf5_dataset_path(some[0].first, some[0].second), "'",
+                                 some.size() > 1 ? concat(" and ", some.size() - 1, " more") : std::string());
+  };
+  Item item;
+  item.kind = Item::Kind::abandon;
+  try {
+    FLEXMODEL_FAIL(IOError, "cannot append to '", path_, "': its steps hold ", file_keys.size(),
+                   " datasets and this run's first step writes ", keys.size(), " (the file's that it lacks: ",
+                   name(missing), "; its own that the file lacks: ", name(extra),
+                   "); append with the hook points that wrote the file, or write another file. '", path_,
+                   "' is unchanged");
+  } catch (...) {
+    error_ = item.error = std::current_exception();
+  }
+  item.sequence = ++next_sequence_;
+  queue_.push_back(std::move(item));
+  queued_.notify_one();
+  return true;
+}
+
 void HDF5Writer::Impl::check_layout(const Key& key, const Layout& layout) {
-  auto [found, inserted] = layouts_.emplace(key, layout);
-  if (inserted) return;
+  auto found = layouts_.find(key);
+  if (found == layouts_.end()) {
+    found = staged_layouts_.find(key);
+    if (found == staged_layouts_.end()) {
+      staged_layouts_.emplace(key, layout);
+      return;
+    }
+  }
   const Layout& known = found->second;
   const std::string dataset = hdf5_dataset_path(key.first, key.second);
   FLEXMODEL_CHECK(known.storage.dtype == layout.storage.dtype, ShapeError, "HDF5Writer: '", dataset, "' in '", path_,
@@ -1120,27 +627,47 @@ void HDF5Writer::Impl::write(const std::string& module_name, HookType type, std:
   std::unique_lock lock(mutex_);
   check_usable("write");
   check_layout(key, layout);
+  // Waits for the writer's backlog, never for the step being staged.
   space_.wait(lock, [&] {
-    return error_ != nullptr || queued_bytes_ == 0 || queued_bytes_ + bytes <= options_.memory_budget();
+    return error_ != nullptr || queued_bytes_ == staged_bytes_ || queued_bytes_ + bytes <= options_.memory_budget();
   });
   check_usable("write");
   queued_bytes_ += bytes;
+  staged_bytes_ += bytes;
   Item item;
   item.kind = Item::Kind::data;
   item.step = step;
   item.key = std::move(key);
   item.tensor = snapshot;
   item.budget = std::shared_ptr<void>(nullptr, [this, bytes](void*) { release_budget(bytes); });
-  enqueue(std::move(item), lock);
+  staged_.push_back(std::move(item));
 }
 
 void HDF5Writer::Impl::end_step(std::int64_t step) {
+  std::vector<Item> refused;  // dropped after the lock: their budget takes it
   std::unique_lock lock(mutex_);
   check_usable("end_step");
+  if (refuse_unless_continues_file()) {
+    refused.swap(staged_);
+    check_usable("end_step");
+  }
+  enqueue_staged();
   Item item;
   item.kind = Item::Kind::end_step;
   item.step = step;
   enqueue(std::move(item), lock);
+}
+
+void HDF5Writer::Impl::abort_step(std::int64_t step) noexcept {
+  std::vector<Item> dropped;
+  {
+    std::lock_guard lock(mutex_);
+    dropped.swap(staged_);
+    staged_layouts_.clear();
+    staged_bytes_ = 0;
+  }
+  // Dropping them outside the lock gives their bytes back to the budget.
+  logger()->debug("HDF5Writer: dropped the {} writes of aborted step {} of '{}'", dropped.size(), step, path_);
 }
 
 void HDF5Writer::Impl::flush() {
@@ -1157,8 +684,11 @@ void HDF5Writer::Impl::flush() {
 void HDF5Writer::Impl::close() {
   std::lock_guard closing(close_mutex_);
   if (thread_.joinable()) {
+    std::vector<Item> refused;  // dropped after the lock: their budget takes it
     std::unique_lock lock(mutex_);
     closing_ = true;
+    if (refuse_unless_continues_file()) refused.swap(staged_);
+    enqueue_staged();
     Item item;
     item.kind = Item::Kind::close;
     enqueue(std::move(item), lock);
@@ -1230,6 +760,8 @@ void HDF5Writer::Impl::process(Item& item) {
     case Item::Kind::close:
       finish();
       break;
+    case Item::Kind::abandon:
+      std::rethrow_exception(item.error);
   }
 }
 
@@ -1258,7 +790,8 @@ void HDF5Writer::Impl::abandon() {
     // Whatever closing would write belongs to the failed step, and HDF5 1.10
     // leaves a file it failed to close half torn down (to crash at exit). So
     // its descriptor is swapped for an anonymous in-memory file: closing
-    // succeeds, and the file on disk keeps its last commit.
+    // succeeds, and the file on disk keeps its last commit. (That file is
+    // held to a file-size limit too, see check_size_limit.)
     const int scratch = ::memfd_create("flexmodel-hdf5-abandoned", MFD_CLOEXEC);
     if (scratch >= 0) {
       ::dup2(scratch, file_descriptor_);
@@ -1268,7 +801,19 @@ void HDF5Writer::Impl::abandon() {
     activations_.reset();
     rows_per_step_.reset();
     if (H5Fclose(file_.release()) < 0) {
-      logger()->warn("HDF5Writer: could not close '{}' after an error: {}", path_, take_error_stack());
+      logger()->warn("HDF5Writer: could not close '{}' after an error: {}; the process will end without HDF5's "
+                     "exit handler, which would crash on it",
+                     path_, take_error_stack());
+      skip_exit_handlers_from_now();
+    }
+    if (restore_superblock_) {
+      // Appended to and nothing committed: the file goes back to its bytes before opening.
+      const int fd = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd < 0 || ::pwrite(fd, original_superblock_.bytes, Superblock::kBytes, 0) !=
+                         static_cast<ssize_t>(Superblock::kBytes)) {
+        logger()->warn("HDF5Writer: could not restore the superblock of '{}': {}", path_, std::strerror(errno));
+      }
+      if (fd >= 0) ::close(fd);
     }
   }
   if (!published_) {
@@ -1289,7 +834,8 @@ HDF5Writer::Impl::Dataset& HDF5Writer::Impl::dataset_for(const Key& key, const t
   dataset->element = H5Tget_size(dataset->type.get());
   dataset->trailing.assign(rows.sizes().begin() + 1, rows.sizes().end());
   dataset->chunk = chunk_shape(static_cast<hsize_t>(rows.size(0)), dataset->trailing, dataset->element,
-                               options_.min_chunk_bytes(), options_.max_chunk_bytes());
+                               options_.min_chunk_bytes(), options_.max_chunk_bytes(),
+                               compression_.kind != Compression::Kind::none);
 
   std::vector<hsize_t> dims{0}, max_dims{H5S_UNLIMITED};
   dims.insert(dims.end(), dataset->trailing.begin(), dataset->trailing.end());
@@ -1313,7 +859,8 @@ HDF5Writer::Impl::Dataset& HDF5Writer::Impl::dataset_for(const Key& key, const t
       dataset->level = compression_.level;
       break;
     case Compression::Kind::plugin:
-      FLEXMODEL_H5(H5Pset_filter(creation.get(), compression_.filter, H5Z_FLAG_MANDATORY, compression_.settings.size(),
+      // Optional: a chunk the filter cannot shrink (blosc refuses to) is stored as it is.
+      FLEXMODEL_H5(H5Pset_filter(creation.get(), compression_.filter, H5Z_FLAG_OPTIONAL, compression_.settings.size(),
                                  compression_.settings.data()),
                    "could not set the filters of ", at);
       dataset->mode = WriteMode::hdf5_filters;
@@ -1364,6 +911,7 @@ void HDF5Writer::Impl::append(Item& item) {
   rows = rows.to(dataset.storage.written()).contiguous();
   const hsize_t count = static_cast<hsize_t>(rows.size(0));
   if (count == 0) return;
+  check_size_limit(rows.nbytes());
   const hsize_t first = dataset.rows, chunk_rows = dataset.chunk[0];
   dataset.rows += count;
   dataset.step_rows += count;
@@ -1486,7 +1034,26 @@ void HDF5Writer::Impl::write_in_flight(std::size_t keep) {
   }
 }
 
+// A file-size limit (ulimit -f) fails the writer like a full disk, before
+// HDF5 writes past it: a file cut there could not even be closed (the
+// scratch file of abandon() is held to the limit too), so the end stays a
+// flush reserve below it.
+void HDF5Writer::Impl::check_size_limit(std::uint64_t more) {
+  if (size_limit_ == 0) return;
+  haddr_t end = 0;
+  FLEXMODEL_H5(H5Fget_eoa(file_.get(), &end), "could not read the end of '", path_, "'");
+  FLEXMODEL_CHECK(end + more + 2 * kFlushReserveBytes <= size_limit_, IOError, "could not write to '", path_,
+                  "': File too large (it would pass this process's file-size limit, ulimit -f, of ", size_limit_,
+                  " bytes)");
+}
+
 void HDF5Writer::Impl::flush_file(const char* what) {
+  check_size_limit(0);
+  if (!options_.crash_safe()) {
+    FLEXMODEL_H5(H5Fflush(file_.get(), H5F_SCOPE_LOCAL), "could not flush ", what, " of step ", steps_, " to '", path_,
+                 "' (datasets ", dataset_list(), ")");
+    return;
+  }
   // The superblock on disk first records an end past everything the flush
   // may write (see the top), and the file reaches that end: HDF5 refuses a
   // file shorter than its superblock says. The flush may still allocate the
@@ -1502,7 +1069,9 @@ void HDF5Writer::Impl::flush_file(const char* what) {
                     path_, "' to ", reserved, " bytes: ", std::strerror(errno));
   }
   Superblock superblock;
-  if (superblock.read(file_descriptor_) && superblock.end() < reserved) {
+  FLEXMODEL_CHECK(superblock.read(file_descriptor_), IOError, "the superblock of '", path_,
+                  "' is no longer the version 2 one this writer keeps crash-safe");
+  if (superblock.end() < reserved) {
     FLEXMODEL_CHECK(superblock.write_end(file_descriptor_, reserved), IOError, "could not write the superblock of '",
                     path_, "': ", std::strerror(errno));
   }
@@ -1563,8 +1132,9 @@ void HDF5Writer::Impl::commit(bool new_step, bool last) {
     FLEXMODEL_CHECK(::fsync(file_descriptor_) == 0, IOError, "could not fsync '", path_, "': ", std::strerror(errno));
   }
   // Blocks the commit refers to are now never at the end of the file (see the top).
-  FLEXMODEL_H5(H5Fincrement_filesize(file_.get(), 1), "could not extend '", path_, "'");
+  if (options_.crash_safe()) FLEXMODEL_H5(H5Fincrement_filesize(file_.get(), 1), "could not extend '", path_, "'");
   committed_steps_.store(steps_, std::memory_order_release);
+  restore_superblock_ = false;
   logger()->debug("HDF5Writer: committed step {} of '{}'", steps_, path_);
 }
 
@@ -1580,7 +1150,7 @@ void HDF5Writer::Impl::finish() {
   activations_.reset();
   rows_per_step_.reset();
   FLEXMODEL_H5(H5Fclose(file_.release()), "could not close '", path_, "'");
-  trim_to_recorded_end(path_);
+  if (options_.crash_safe()) trim_to_recorded_end(path_);
   sync_path(path_);
   logger()->info("HDF5Writer: closed '{}' with {} steps", path_, steps_);
 }
@@ -1603,6 +1173,7 @@ void HDF5Writer::write(const std::string& module_name, HookType type, std::int64
   impl_->write(module_name, type, step, snapshot);
 }
 void HDF5Writer::end_step(std::int64_t step) { impl_->end_step(step); }
+void HDF5Writer::abort_step(std::int64_t step) noexcept { impl_->abort_step(step); }
 void HDF5Writer::flush() { impl_->flush(); }
 void HDF5Writer::close() { impl_->close(); }
 std::int64_t HDF5Writer::committed_steps() const { return impl_->committed_steps(); }

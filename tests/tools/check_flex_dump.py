@@ -3,6 +3,7 @@
     check_flex_dump.py FLEX_DUMP FIXTURE_DIR MPIRUN...
 """
 import os
+import resource
 import shlex
 import signal
 import stat
@@ -226,6 +227,22 @@ def main(tool, fixtures, mpirun):
         assert run(tool, *common, "--out", single, "--append").returncode == 0
         with h5py.File(single, "r") as h5:
             assert h5["activations/layers.0.mlp/forward"].shape[0] == 4
+        # --append continues only the file's own hook points; otherwise the file stays byte for byte.
+        with open(single, "rb") as f:
+            before = f.read()
+        other = run(tool, "--model", model, "--input", tokens, "--hooks", "norm", "--out", single, "--append")
+        assert other.returncode != 0 and "append with the hook points that wrote the file" in other.stderr, \
+            other.stderr
+        with open(single, "rb") as f:
+            assert f.read() == before, "a refused --append changed the file"
+
+        # A file-size limit (ulimit -f) is a full disk: a message, exit 1, no file and no .partial left.
+        limited = os.path.join(scratch, "limited.h5")
+        limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
+        failed = subprocess.run([tool, *common[:2], "--input", many, "--hooks", "**", "--out", limited,
+                                 "--batch-size", "1"], capture_output=True, text=True, preexec_fn=limit)
+        assert failed.returncode == 1 and "File too large" in failed.stderr, (failed.returncode, failed.stderr)
+        assert not os.path.exists(limited) and not os.path.exists(limited + ".partial"), os.listdir(scratch)
     print(f"flex-dump: {checked} datasets equal PyTorch's hooks; meshes (1,1,2) (2,1,2) (1,3,1) equal one process; "
           "errors leave no file")
 

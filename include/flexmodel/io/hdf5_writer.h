@@ -16,7 +16,7 @@
 // Durability: once a step is committed (counted by committed_steps(); flush()
 // waits for it), a process killed at any later point leaves a file that h5py
 // opens and that holds it, but for a narrow window that HDF5 1.10 leaves open
-// (src/io/hdf5_writer.cpp says which). The file is created as `<path>.partial`
+// (src/io/hdf5_format.h says which). The file is created as `<path>.partial`
 // and renamed to `<path>` when its first step (or close()) commits.
 #pragma once
 
@@ -63,18 +63,25 @@ struct HDF5WriterOptions {
   TORCH_ARG(bool, keep_bfloat16_bits) = false;
 
   // write() blocks while the snapshots queued and not yet written exceed this
-  // (one snapshot larger than the budget still passes when nothing else is queued).
+  // (a step alone may exceed it: write() waits only for earlier steps).
   TORCH_ARG(std::size_t, memory_budget) = std::size_t{1} << 30;
 
-  // A chunk holds one step's rows, split along dim 0 above max_chunk_bytes and
-  // merged across steps below min_chunk_bytes; a row larger than
-  // max_chunk_bytes is split along the next dims.
+  // A chunk holds one step's rows, split along dim 0 above max_chunk_bytes
+  // (a row larger than that along the next dims). Uncompressed chunks are also
+  // merged across steps below min_chunk_bytes; compressed ones never are, so
+  // that each is written once and the file's size is what its chunks store.
   TORCH_ARG(std::size_t, min_chunk_bytes) = std::size_t{64} << 10;
   TORCH_ARG(std::size_t, max_chunk_bytes) = std::size_t{4} << 20;
 
   // fsync after every committed step (survives power loss, not only a killed
   // process); close() always fsyncs.
   TORCH_ARG(bool, fsync_each_step) = false;
+
+  // A killed process leaves a file that opens with every step committed so
+  // far. This needs HDF5 1.10 (another release is a ConfigError) and, to
+  // append, a file whose superblock this writer made; false writes with plain
+  // flushes, and a file is then whole only once closed.
+  TORCH_ARG(bool, crash_safe) = true;
 };
 
 // "/activations/<module_name or (root)>/<hook_type>"
@@ -101,10 +108,13 @@ class HDF5Writer final : public Sink {
   // its dtype or device cannot be stored.
   void write(const std::string& module_name, HookType type, std::int64_t step,
              const torch::Tensor& snapshot) override;
-  // Every write since the previous end_step forms the next step of the file.
+  // Every write since the previous end_step forms the next step of the file;
+  // they are queued for the writer thread only now, all together.
   void end_step(std::int64_t step) override;
-  // Blocks until every step ended so far is committed and every snapshot
-  // queued so far is written (the last rows of a step not yet ended wait for it).
+  // Forgets every write since the previous end_step: none reaches the file.
+  void abort_step(std::int64_t step) noexcept override;
+  // Blocks until every step ended so far is committed (the writes of a step
+  // not yet ended wait for its end_step).
   void flush();
   // Commits writes made after the last end_step as one more step, closes and fsyncs.
   void close() override;
