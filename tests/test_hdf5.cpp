@@ -534,7 +534,7 @@ TEST(HDF5Writer, AppendsCrashSafelyOnlyToASuperblockItCanKeep) {
                        "    g.attrs.update(f.attrs)\""),
             0);
   expect_append_refused(copy, HDF5WriterOptions().model("gpt2.pt"),
-                        "crash-safely: its superblock is not the version 2 one");
+                        "crash-safely: its superblock or free-space strategy is not the one");
   HDF5Writer writer(copy, HDF5WriterOptions().model("gpt2.pt").append(true).crash_safe(false));
   writer.write("a", HookType::forward, 1, torch::full({1, 3}, 2.0));
   writer.end_step(1);
@@ -685,19 +685,24 @@ TEST_F(NetWritingAFile, GradientCapturesLandInTheStepOfTheirForward) {
   EXPECT_EQ(run_python(script("check_file.py") + " " + expected.save(dir, file, root, "gradients")), 0);
 }
 
-// Fails the write of one module's snapshot in one forward, once (a failed
-// forward's step number is the next forward's).
+// Fails once (a failed forward's step number is the next forward's): the
+// write of one module's snapshot in one forward, or that forward's end_step
+// when `module` is empty.
 class FailingSink final : public Sink {
  public:
   FailingSink(std::string module, std::int64_t step) : module_(std::move(module)), step_(step) {}
   void write(const std::string& module_name, HookType, std::int64_t step, const torch::Tensor&) override {
-    if (module_name == module_ && step == step_ && !failed_) {
-      failed_ = true;
-      throw IOError("FailingSink: no room for '" + module_name + "'");
-    }
+    if (module_name == module_ && step == step_) fail("no room for '" + module_name + "'");
+  }
+  void end_step(std::int64_t step) override {
+    if (module_.empty() && step == step_) fail("cannot end step " + std::to_string(step));
   }
 
  private:
+  void fail(const std::string& why) {
+    if (std::exchange(failed_, true)) return;
+    throw IOError("FailingSink: " + why);
+  }
   std::string module_;
   std::int64_t step_;
   bool failed_ = false;
@@ -712,10 +717,19 @@ class KeepingSink final : public Sink {
   std::map<std::string, std::vector<torch::Tensor>> kept;
 };
 
-TEST_F(NetWritingAFile, AForwardWhoseSinkFailsLeavesNothingInTheFile) {
+class SinkFailure : public NetWritingAFile, public ::testing::WithParamInterface<bool> {};
+
+// A second sink failing on forward 1's third snapshot (the writer has had the
+// first two), or a first sink failing to end forward 1's step.
+TEST_P(SinkFailure, LeavesNothingOfItsForwardInTheFile) {
   FlexModel fm(net);
-  fm.add_sink(writer);
-  fm.add_sink(std::make_shared<FailingSink>("2", 1));  // the writer has had "0" and "1" of forward 1 by then
+  if (GetParam()) {
+    fm.add_sink(writer);
+    fm.add_sink(std::make_shared<FailingSink>("2", 1));
+  } else {
+    fm.add_sink(std::make_shared<FailingSink>("", 1));
+    fm.add_sink(writer);
+  }
   for (const char* module : {"0", "1", "2"}) fm.register_forward_hook(HookFunction(module));
   for (std::int64_t step = 0; step < 3; ++step) {
     const auto x = torch::randn({2, 4});
@@ -735,6 +749,9 @@ TEST_F(NetWritingAFile, AForwardWhoseSinkFailsLeavesNothingInTheFile) {
   EXPECT_EQ(fm.outputs().at("0").size(), 2u);
   EXPECT_EQ(run_python(script("check_file.py") + " " + expected.save(dir, file, root, "all_or_nothing")), 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(InWriteOrEndStep, SinkFailure, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "InWrite" : "InEndStep"; });
 
 TEST(HDF5Writer, SinksOwnTheirSnapshotsWhenTheOutputMapKeepsThemToo) {
   torch::manual_seed(0);

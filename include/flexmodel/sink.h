@@ -25,12 +25,12 @@ class Sink {
                      const torch::Tensor& snapshot) = 0;
   // Forward `step` is complete: everything written for it may be made durable.
   virtual void end_step(std::int64_t step) { (void)step; }
-  // Forward `step` failed after some of its snapshots were written: nothing of
-  // it may reach the sink's output, and the next write begins another step.
-  virtual void abort_step(std::int64_t step) noexcept { (void)step; }
   // Makes everything durable and releases the sink's resources; rethrows an
   // error a background write met. Further writes are errors.
   virtual void close() {}
+  // Forward `step` failed after some of its snapshots were written: nothing of
+  // it may reach the sink's output, and the next write begins another step.
+  virtual void abort_step(std::int64_t step) noexcept { (void)step; }
 };
 
 }  // namespace flexmodel

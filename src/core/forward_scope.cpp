@@ -228,7 +228,7 @@ void FlexModelBase::ForwardScope::commit() {
       // Its backward's gradient captures join this step; end_backward ends it.
       state_.open_gradient_step = state_.step;
     } else {
-      for (auto& sink : state_.sinks) sink->end_step(state_.step);
+      detail::end_sinks_step(state_, state_.step);
     }
   }
   state_.backward_outstanding = state_.applied->captures_gradients;
@@ -357,7 +357,7 @@ void end_backward(ModelState& state) {
   }
   if (state.open_gradient_step >= 0) {
     const std::int64_t step = std::exchange(state.open_gradient_step, -1);
-    for (auto& sink : state.sinks) sink->end_step(step);
+    end_sinks_step(state, step);
   }
 }
 

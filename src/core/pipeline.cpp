@@ -96,6 +96,16 @@ void write_sinks(ModelState& state, const std::string& module_name, HookType typ
   }
 }
 
+void end_sinks_step(ModelState& state, std::int64_t step) {
+  std::size_t ended = 0;
+  try {
+    for (; ended < state.sinks.size(); ++ended) state.sinks[ended]->end_step(step);
+  } catch (...) {
+    for (std::size_t i = ended + 1; i < state.sinks.size(); ++i) state.sinks[i]->abort_step(step);
+    throw;
+  }
+}
+
 namespace {
 
 // Hooks fire only in the forward that runs them, never inside editing functions.

@@ -224,6 +224,9 @@ void deliver_gradient(ModelState& state, OutputMap::Series& series, std::int64_t
 // nothing) and the error propagates.
 void write_sinks(ModelState& state, const std::string& module_name, HookType type, std::int64_t step,
                  const torch::Tensor& snapshot);
+// Ends `step` in every sink; when one throws, the sinks it has not reached
+// forget the step, and the error propagates.
+void end_sinks_step(ModelState& state, std::int64_t step);
 
 // The slot of a module's key in a selection's open-addressing site table.
 std::size_t site_slot(const void* key, unsigned shift) noexcept;

@@ -46,9 +46,10 @@ namespace flexmodel::io::detail {
 // Bob Jenkins' lookup3 hash (hashlittle, initial value 0): HDF5's metadata checksum.
 std::uint32_t lookup3_checksum(const unsigned char* key, std::size_t length);
 
-// A version 2 or 3 superblock at offset 0 with 8-byte addresses and base
-// address 0 (what this writer creates): signature, version, sizes, flags,
-// then base, extension, end-of-file and root addresses, then the checksum.
+// A version 2 superblock (a version 3 one records an "open for writing"
+// flag) at offset 0 with 8-byte addresses and base address 0 (what this
+// writer creates): signature, version, sizes, flags, then base, extension,
+// end-of-file and root addresses, then the checksum.
 struct Superblock {
   static constexpr std::size_t kBytes = 48;
   static constexpr std::size_t kEndOffset = 28;
@@ -58,7 +59,7 @@ struct Superblock {
   // Reads it from `fd`; false when the file does not start with one whose checksum matches.
   bool read(int fd) {
     if (::pread(fd, bytes, kBytes, 0) != static_cast<ssize_t>(kBytes)) return false;
-    return std::memcmp(bytes, "\x89HDF\r\n\x1a\n", 8) == 0 && (bytes[8] == 2 || bytes[8] == 3) && bytes[9] == 8 &&
+    return std::memcmp(bytes, "\x89HDF\r\n\x1a\n", 8) == 0 && bytes[8] == 2 && bytes[9] == 8 &&
            load(12, 8) == 0 && lookup3_checksum(bytes, kChecksumOffset) == load(kChecksumOffset, 4);
   }
   std::uint64_t end() const { return load(kEndOffset, 8); }

@@ -13,6 +13,7 @@
 
 #include <torch/types.h>
 
+#include "flexmodel/error.h"
 #include "flexmodel/hook_function.h"
 
 namespace flexmodel::io::detail {

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <ctime>
@@ -29,6 +30,7 @@
 #include <optional>
 #include <set>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -73,6 +75,18 @@ std::string own_command_line() {
   while (!raw.empty() && raw.back() == '\0') raw.pop_back();
   std::replace(raw.begin(), raw.end(), '\0', ' ');
   return raw;
+}
+
+// Whether `file` never hands freed space out again (free-space strategy NONE),
+// which crash safety needs: space the last commit points at stays as it is.
+bool reuses_no_space(hid_t file) {
+  Handle creation(FLEXMODEL_H5(H5Fget_create_plist(file), "could not read a file's creation properties"), H5Pclose);
+  H5F_fspace_strategy_t strategy{};
+  hbool_t persist = false;
+  hsize_t threshold = 0;
+  FLEXMODEL_H5(H5Pget_file_space_strategy(creation.get(), &strategy, &persist, &threshold),
+               "could not read a file's free-space strategy");
+  return strategy == H5F_FSPACE_STRATEGY_NONE;
 }
 
 }  // namespace
@@ -182,6 +196,10 @@ class HDF5Writer::Impl {
   void commit(bool new_step, bool last = false);
   void flush_file(const char* what);
   void check_size_limit(std::uint64_t more);
+  // Space a flush may allocate past the end it starts from: the chunks of rows_per_step and more.
+  std::uint64_t flush_reserve() const {
+    return kFlushReserveBytes + datasets_.size() * kRowsPerStepChunk * sizeof(std::int64_t);
+  }
   std::string dataset_list() const;
   void finish();
 
@@ -217,7 +235,7 @@ class HDF5Writer::Impl {
   int partial_lock_ = -1;  // holds the flock on `<path>.partial` while this writer owns it
   const std::uint64_t size_limit_ = file_size_limit();
   Superblock original_superblock_{};  // of a file appended to, as it was before opening
-  bool restore_superblock_ = false;    // until a step is committed
+  bool restore_superblock_ = false;    // until the first flush
   std::map<Key, std::unique_ptr<Dataset>> datasets_;
   std::int64_t steps_ = 0;
   std::int64_t step_ = 0;  // the caller's step of the snapshot being written
@@ -368,10 +386,10 @@ void HDF5Writer::Impl::open_file() {
                   "': it has no root attribute layout_version, so flexmodel did not write it");
   FLEXMODEL_CHECK(*version == kLayoutVersion, IOError, "cannot append to '", path_, "': its layout_version is ",
                   *version, ", this flexmodel writes ", kLayoutVersion);
-  FLEXMODEL_CHECK(restore_superblock_ || !options_.crash_safe(), IOError, "cannot append to '", path_,
-                  "' crash-safely: its superblock is not the version 2 one this writer creates (was it rewritten, "
-                  "by h5repack say?); pass crash_safe(false) (flex-dump --no-crash-safety) to append without that "
-                  "guarantee, or write another file");
+  FLEXMODEL_CHECK(!options_.crash_safe() || (restore_superblock_ && reuses_no_space(root)), IOError,
+                  "cannot append to '", path_, "' crash-safely: its superblock or free-space strategy is not the one "
+                  "this writer creates (was it rewritten, by h5repack say?); pass crash_safe(false) (flex-dump "
+                  "--no-crash-safety) to append without that guarantee, or write another file");
   steps_ = read_int_attribute(root, "steps", at).value_or(0);
   const auto model = read_string_attribute(root, "model", at).value_or("");
   const auto tp = read_int_attribute(root, "tp", at).value_or(1), pp = read_int_attribute(root, "pp", at).value_or(1),
@@ -562,10 +580,10 @@ bool HDF5Writer::Impl::refuse_unless_continues_file() {
     FLEXMODEL_FAIL(IOError, "cannot append to '", path_, "': its steps hold ", file_keys.size(),
                    " datasets and this run's first step writes ", keys.size(), " (the file's that it lacks: ",
                    name(missing), "; its own that the file lacks: ", name(extra),
-                   "); append with the hook points that wrote the file, or write another file. '", path_,
-                   "' is unchanged");
+                   "); append with the hook points that wrote the file, or write another file");
   } catch (...) {
-    error_ = item.error = std::current_exception();
+    item.error = std::current_exception();
+    if (!error_) error_ = item.error;
   }
   item.sequence = ++next_sequence_;
   queue_.push_back(std::move(item));
@@ -911,7 +929,6 @@ void HDF5Writer::Impl::append(Item& item) {
   rows = rows.to(dataset.storage.written()).contiguous();
   const hsize_t count = static_cast<hsize_t>(rows.size(0));
   if (count == 0) return;
-  check_size_limit(rows.nbytes());
   const hsize_t first = dataset.rows, chunk_rows = dataset.chunk[0];
   dataset.rows += count;
   dataset.step_rows += count;
@@ -998,6 +1015,7 @@ void HDF5Writer::Impl::emit(Dataset& dataset, hsize_t row, torch::Tensor slab, c
 
 void HDF5Writer::Impl::write_chunk(Dataset& dataset, const std::vector<hsize_t>& offset, const void* bytes,
                                    std::size_t size, std::int64_t step, std::uint32_t filter_mask) {
+  check_size_limit(size);
   FLEXMODEL_H5(H5Dwrite_chunk(dataset.data.get(), H5P_DEFAULT, filter_mask, offset.data(), size, bytes),
                "could not write the chunk at row ", offset[0], " of ", where(dataset.path), " (step ", step, ")");
 }
@@ -1008,6 +1026,7 @@ void HDF5Writer::Impl::write_rows(Dataset& dataset, hsize_t row, const torch::Te
   std::vector<hsize_t> start(slab_dims.size(), 0), count = slab_dims;
   count[0] = std::min(dataset.chunk[0], dataset.rows - row);
   const std::string context = concat(" rows from ", row, " of ", where(dataset.path), " (step ", step_, ")");
+  check_size_limit(slab.nbytes());
   Handle memory(FLEXMODEL_H5(H5Screate_simple(static_cast<int>(slab_dims.size()), slab_dims.data(), nullptr),
                              "could not create a dataspace"),
                 H5Sclose);
@@ -1037,18 +1056,19 @@ void HDF5Writer::Impl::write_in_flight(std::size_t keep) {
 // A file-size limit (ulimit -f) fails the writer like a full disk, before
 // HDF5 writes past it: a file cut there could not even be closed (the
 // scratch file of abandon() is held to the limit too), so the end stays a
-// flush reserve below it.
+// flush reserve (and the flush's own) below it.
 void HDF5Writer::Impl::check_size_limit(std::uint64_t more) {
   if (size_limit_ == 0) return;
   haddr_t end = 0;
   FLEXMODEL_H5(H5Fget_eoa(file_.get(), &end), "could not read the end of '", path_, "'");
-  FLEXMODEL_CHECK(end + more + 2 * kFlushReserveBytes <= size_limit_, IOError, "could not write to '", path_,
+  FLEXMODEL_CHECK(end + more + 2 * flush_reserve() <= size_limit_, IOError, "could not write to '", path_,
                   "': File too large (it would pass this process's file-size limit, ulimit -f, of ", size_limit_,
                   " bytes)");
 }
 
 void HDF5Writer::Impl::flush_file(const char* what) {
   check_size_limit(0);
+  restore_superblock_ = false;  // from here on the file's metadata may point past its old end
   if (!options_.crash_safe()) {
     FLEXMODEL_H5(H5Fflush(file_.get(), H5F_SCOPE_LOCAL), "could not flush ", what, " of step ", steps_, " to '", path_,
                  "' (datasets ", dataset_list(), ")");
@@ -1060,7 +1080,7 @@ void HDF5Writer::Impl::flush_file(const char* what) {
   // chunks of rows_per_step, hence the reserve.
   haddr_t end = 0;
   FLEXMODEL_H5(H5Fget_eoa(file_.get(), &end), "could not read the end of '", path_, "'");
-  const std::uint64_t reserved = end + kFlushReserveBytes + datasets_.size() * kRowsPerStepChunk * sizeof(std::int64_t);
+  const std::uint64_t reserved = end + flush_reserve();
   struct stat status {};
   FLEXMODEL_CHECK(::fstat(file_descriptor_, &status) == 0, IOError, "could not stat '", path_,
                   "': ", std::strerror(errno));
@@ -1134,7 +1154,6 @@ void HDF5Writer::Impl::commit(bool new_step, bool last) {
   // Blocks the commit refers to are now never at the end of the file (see the top).
   if (options_.crash_safe()) FLEXMODEL_H5(H5Fincrement_filesize(file_.get(), 1), "could not extend '", path_, "'");
   committed_steps_.store(steps_, std::memory_order_release);
-  restore_superblock_ = false;
   logger()->debug("HDF5Writer: committed step {} of '{}'", steps_, path_);
 }
 
