@@ -3,7 +3,6 @@
 // `test_hdf5 --child-writer FILE COMPRESSION` is the process the kill test kills.
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -38,7 +37,8 @@
 #include "flexmodel/output_map.h"
 #include "flexmodel/version.h"
 
-extern char** environ;
+// tests/hdf5/kill_on_write.c
+extern "C" void flexmodel_kill_at_write(long writes);
 
 namespace flexmodel::io {
 namespace {
@@ -470,6 +470,50 @@ TEST(HDF5Writer, AppendsOnlyRowsOfTheFilesOwnModel) {
 
 // Append continues the file's own hook points: its first step writes exactly
 // the file's datasets, or the writer fails and the file stays byte for byte.
+// continues(file): the writer appends to its own copy; the file copied never
+// changes, whether the run commits steps and then fails or is refused at once.
+TEST(HDF5Writer, ContinuesACopyAndNeverWritesTheFileItCopies) {
+  TempDir dir;
+  const std::string file = dir / "acts.h5", copy = dir / "more.h5";
+  {
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt"));
+    writer.write("layers.0", HookType::forward, 0, torch::full({2, 3}, 1.0));
+    writer.end_step(0);
+  }
+  const std::string before = file_bytes(file);
+  {
+    // Two steps commit, then a step of another layout fails the writer.
+    HDF5Writer writer(copy, HDF5WriterOptions().model("gpt2.pt").continues(file));
+    EXPECT_THROW(HDF5Writer(copy, HDF5WriterOptions().model("gpt2.pt").continues(file)), IOError)
+        << "a second writer continued into the same copy";
+    for (std::int64_t step = 1; step < 3; ++step) {
+      writer.write("layers.0", HookType::forward, step, torch::full({1, 3}, static_cast<double>(step + 1)));
+      writer.end_step(step);
+    }
+    writer.flush();
+    EXPECT_EQ(writer.committed_steps(), 3);
+    EXPECT_TRUE(file_bytes(file) == before) << "committing to the copy changed the file";
+    EXPECT_THROW(writer.write("layers.0", HookType::forward, 3, torch::ones({1, 4})), Error);
+  }
+  EXPECT_TRUE(file_bytes(file) == before) << "a failed continuation changed the file";
+  EXPECT_EQ(run_python("-c \"import h5py, sys; a = h5py.File('" + copy + "', 'r'); b = h5py.File('" + file +
+                       "', 'r'); d = a['activations/layers.0/forward'][()]; sys.exit(0 if int(a.attrs['steps']) == 3 "
+                       "and d.shape == (4, 3) and list(d[:, 0]) == [1, 1, 2, 3] and int(b.attrs['steps']) == 1 "
+                       "and b['activations/layers.0/forward'].shape == (2, 3) else 1)\""),
+            0);
+  {
+    // Refused before a step commits: no copy is left, the file stays.
+    fs::remove(copy);
+    EXPECT_THROW(HDF5Writer(copy, HDF5WriterOptions().model("llama.pt").continues(file)), IOError);
+    HDF5Writer writer(copy, HDF5WriterOptions().model("gpt2.pt").continues(file));
+    writer.write("embed", HookType::forward, 1, torch::ones({1, 3}));
+    EXPECT_THROW(writer.end_step(1), IOError);
+  }
+  EXPECT_FALSE(fs::exists(copy) || fs::exists(copy + ".partial"));
+  EXPECT_TRUE(file_bytes(file) == before);
+  EXPECT_THROW(HDF5Writer(copy, HDF5WriterOptions().continues(file).append(true)), ConfigError);
+}
+
 TEST(HDF5Writer, AppendsOnlyStepsOfTheFilesHookPoints) {
   TempDir dir;
   const std::string file = dir / "acts.h5";
@@ -984,7 +1028,7 @@ void write_child_step(HDF5Writer& writer, std::int64_t step) {
 }
 
 // Writes steps until killed; prints the committed step count as it grows.
-int child_writer(const std::string& file, const std::string& compression) {
+[[noreturn]] void child_writer(const std::string& file, const std::string& compression) {
   HDF5Writer writer(file, HDF5WriterOptions().compression(compression).compression_threads(2));
   ::dprintf(1, "ready\n");
   std::int64_t reported = -1;
@@ -1003,29 +1047,29 @@ struct KilledWriter {
   std::int64_t reported_steps = 0;  // the committed steps it printed before it died
 };
 
-// Runs a child writer of `file` and SIGKILLs it after `delay_ms`, or lets
-// `environment` (the kill-on-write library) end it.
+// Forks a child writer of `file` (a fork, not a new program: loading LibTorch
+// would take most of a sweep's time) and SIGKILLs it after `delay_ms`, or
+// lets its `kill_at_write`th write to a file end it (kill_on_write.c).
 KilledWriter run_child_writer(const std::string& file, const std::string& compression, int delay_ms,
-                              const std::vector<std::string>& environment = {}) {
+                              long kill_at_write = -1) {
   int pipe_ends[2];
   EXPECT_EQ(::pipe(pipe_ends), 0);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, pipe_ends[1], 1);
-  posix_spawn_file_actions_addclose(&actions, pipe_ends[0]);
-  std::string self = fs::read_symlink("/proc/self/exe").string();
-  std::vector<std::string> arguments{self, "--child-writer", file, compression};
-  std::vector<char*> argv;
-  for (auto& argument : arguments) argv.push_back(argument.data());
-  argv.push_back(nullptr);
-  std::vector<std::string> variables(environment);
-  for (char** variable = environ; *variable != nullptr; ++variable) variables.emplace_back(*variable);
-  std::vector<char*> envp;
-  for (auto& variable : variables) envp.push_back(variable.data());
-  envp.push_back(nullptr);
-  pid_t child = 0;
-  EXPECT_EQ(::posix_spawn(&child, self.c_str(), &actions, nullptr, argv.data(), envp.data()), 0);
-  posix_spawn_file_actions_destroy(&actions);
+  std::fflush(nullptr);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(pipe_ends[0]);
+    ::dup2(pipe_ends[1], 1);
+    // The parent's intra-op threads do not exist in a fork.
+    at::set_num_threads(1);
+    flexmodel_kill_at_write(kill_at_write);
+    try {
+      child_writer(file, compression);
+    } catch (const std::exception& e) {
+      ::dprintf(2, "child writer: %s\n", e.what());
+    }
+    ::_exit(1);
+  }
+  EXPECT_GT(child, 0) << std::strerror(errno);
   ::close(pipe_ends[1]);
 
   std::string output;
@@ -1095,9 +1139,7 @@ TEST(HDF5Writer, SurvivesSigkillBeforeAnyWriteOfItsFlushes) {
        {std::tuple{"gzip:1", 1, 100, 1}, std::tuple{"none", 2400, 3660, 6}}) {
     for (int write = first; write <= last; write += stride) {
       const std::string file = dir / ("killed_" + std::to_string(files++) + ".h5");
-      const auto killed = run_child_writer(file, compression, -1,
-                                           {"LD_PRELOAD=" FLEXMODEL_KILL_ON_WRITE_LIBRARY,
-                                            "FLEXMODEL_KILL_AT_WRITE=" + std::to_string(write)});
+      const auto killed = run_child_writer(file, compression, -1, write);
       lines << file << " " << killed.reported_steps << "\n";
     }
   }
@@ -1109,7 +1151,6 @@ TEST(HDF5Writer, SurvivesSigkillBeforeAnyWriteOfItsFlushes) {
 }  // namespace flexmodel::io
 
 int main(int argc, char** argv) {
-  if (argc == 4 && std::string(argv[1]) == "--child-writer") return flexmodel::io::child_writer(argv[2], argv[3]);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }

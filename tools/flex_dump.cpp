@@ -26,6 +26,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <flexmodel/detail/hash.h>
 #include <flexmodel/dist.h>
 #include <flexmodel/flexmodel.h>
 #include <flexmodel/io/hdf5_writer.h>
@@ -243,14 +244,7 @@ Request register_on_every_stage(flexmodel::FlexModelBase& fm, const Settings& se
   return request;
 }
 
-// FNV-1a over bytes.
-std::uint64_t fingerprint(const void* data, std::size_t size, std::uint64_t hash = 1469598103934665603ull) {
-  const auto* bytes = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < size; ++i) hash = (hash ^ bytes[i]) * 1099511628211ull;
-  return hash;
-}
-
-std::uint64_t fingerprint(const std::string& text) { return fingerprint(text.data(), text.size()); }
+using flexmodel::detail::fnv1a;
 
 // The model file's size and its first and last MiB: enough to tell two models apart cheaply.
 std::uint64_t file_fingerprint(const std::string& path) {
@@ -261,7 +255,7 @@ std::uint64_t file_fingerprint(const std::string& path) {
   std::string tail(head.size(), '\0');
   file.seekg(static_cast<std::streamoff>(size - tail.size()));
   file.read(tail.data(), static_cast<std::streamsize>(tail.size()));
-  return fingerprint(tail.data(), tail.size(), fingerprint(head.data(), head.size(), fingerprint(&size, sizeof size)));
+  return fnv1a(tail.data(), tail.size(), fnv1a(head.data(), head.size(), fnv1a(&size, sizeof size)));
 }
 
 // Every rank must run the same job: a wrapper that hands ranks other
@@ -273,12 +267,12 @@ void check_ranks_agree(flexmodel::dist::Communicator& world, const Settings& set
   const std::string shape = flexmodel::detail::concat(input.sizes(), " ", input.scalar_type());
   const std::vector<std::pair<const char*, std::uint64_t>> parts{
       {"the model (--model)", file_fingerprint(settings.model_path)},
-      {"--hooks", fingerprint(settings.hooks)},
-      {"--pre-hooks", fingerprint(settings.pre_hooks)},
+      {"--hooks", fnv1a(settings.hooks)},
+      {"--pre-hooks", fnv1a(settings.pre_hooks)},
       {"--batch-size", static_cast<std::uint64_t>(settings.batch_size)},
-      {"--tp/--pp/--dp", fingerprint(flexmodel::detail::concat(settings.tp, ",", settings.pp, ",", settings.dp))},
-      {"the input's shape and dtype (--input)", fingerprint(shape)},
-      {"the input's values (--input)", fingerprint(bytes.data_ptr(), bytes.nbytes())}};
+      {"--tp/--pp/--dp", fnv1a(flexmodel::detail::concat(settings.tp, ",", settings.pp, ",", settings.dp))},
+      {"the input's shape and dtype (--input)", fnv1a(shape)},
+      {"the input's values (--input)", fnv1a(bytes.data_ptr(), bytes.nbytes())}};
   for (const auto& [what, hash] : parts) {
     const auto all = world.all_gather_ints(static_cast<std::int64_t>(hash));
     const auto other = std::find_if(all.begin(), all.end(), [&](std::int64_t h) { return h != all.front(); });
@@ -347,21 +341,27 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
   const std::int64_t rows = input.size(0), batch_size = settings.batch_size;
   std::shared_ptr<flexmodel::io::HDF5Writer> writer;
   // --overwrite replaces the old file only once the new one is complete: until
-  // then the new one is `<out>.new` (a killed run leaves both).
+  // then the new one is `<out>.new` (a killed run leaves both). --append
+  // continues a copy, `<out>.appending`, which replaces the file alike.
   std::error_code error;
-  const bool replacing = settings.overwrite && std::filesystem::exists(settings.out_path, error);
-  const std::string target = replacing ? settings.out_path + ".new" : settings.out_path;
+  const bool exists = std::filesystem::exists(settings.out_path, error);
+  const bool replacing = (settings.overwrite || settings.append) && exists;
+  const std::string target = settings.out_path + (!replacing ? "" : settings.append ? ".appending" : ".new");
   if (root) {
-    writer = std::make_shared<flexmodel::io::HDF5Writer>(target, flexmodel::io::HDF5WriterOptions()
-                                                                               .model(settings.model_path)
-                                                                               .tp(settings.tp)
-                                                                               .pp(settings.pp)
-                                                                               .dp(settings.dp)
-                                                                               .command_line(settings.command_line)
-                                                                               .compression(settings.compression)
-                                                                               .overwrite(settings.overwrite)
-                                                                               .append(settings.append)
-                                                                               .crash_safe(settings.crash_safe));
+    auto options = flexmodel::io::HDF5WriterOptions()
+                       .model(settings.model_path)
+                       .tp(settings.tp)
+                       .pp(settings.pp)
+                       .dp(settings.dp)
+                       .command_line(settings.command_line)
+                       .compression(settings.compression)
+                       .crash_safe(settings.crash_safe);
+    if (replacing && settings.append) {
+      options.continues(settings.out_path);
+    } else {
+      options.overwrite(settings.overwrite).append(settings.append);
+    }
+    writer = std::make_shared<flexmodel::io::HDF5Writer>(target, options);
     fm.add_sink(writer);
   }
   auto summary = std::make_shared<Summary>();
@@ -387,9 +387,8 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
     }
   } catch (...) {
     // A dump that failed half-way is no dump: the file it created goes, an
-    // old file it was to replace stays (an appended file keeps its earlier
-    // steps, which its `steps` attribute counts).
-    if (writer != nullptr && !settings.append) {
+    // old file it was to replace or continue stays as it was.
+    if (writer != nullptr) {
       try {
         writer->close();
       } catch (const std::exception&) {
@@ -428,8 +427,8 @@ int run(int argc, char** argv) {
                  "none, gzip[:N], or a filter plugin's lz4 / zstd[:N] / blosc[:N]");
   auto* overwrite_flag = app.add_flag("--overwrite", settings.overwrite, "replace an existing file");
   app.add_flag("--append", settings.append,
-               "continue an existing file: same model, and a first step with the file's hook points, dtypes and "
-               "row shapes")
+               "continue an existing file (same model, and a first step with the file's hook points, dtypes and "
+               "row shapes) in a copy that replaces it at the end: a failed run leaves it as it was")
       ->excludes(overwrite_flag);
   app.add_flag("!--no-crash-safety", settings.crash_safe,
                "write with plain HDF5 flushes: for an HDF5 other than 1.10, or appending to a rewritten file; the "

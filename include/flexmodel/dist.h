@@ -6,7 +6,10 @@
 // so tensor-parallel groups are contiguous ranks.
 //
 // Collective contract: every rank of a communicator calls each collective, in
-// the same order, with tensors of the same dtype; a mismatch is undefined.
+// the same order, with tensors of the same shape and dtype. Each message
+// carries what it is (the call, its root, dtype and shape, and the caller's
+// MessageLabel): ranks whose next messages differ end every rank with an error
+// naming both, and never mix one's bytes into another's.
 #pragma once
 
 #include <cstdint>
@@ -56,6 +59,20 @@ class Communicator {
   // Receives into `tensor`, whose shape and dtype the sender's match.
   virtual void recv(torch::Tensor& tensor, int source) = 0;
   virtual void barrier() = 0;
+};
+
+// Names what the collectives this thread starts are for while it lives (the
+// innermost label counts): "hook on 'layers.0.mlp' (forward), step 3" turns a
+// disagreement into one between two named hooks rather than two shapes.
+class MessageLabel {
+ public:
+  explicit MessageLabel(std::string what);
+  ~MessageLabel();
+  MessageLabel(const MessageLabel&) = delete;
+  MessageLabel& operator=(const MessageLabel&) = delete;
+
+ private:
+  std::string previous_;
 };
 
 // Sizes of a mesh; every size ≥ 1.

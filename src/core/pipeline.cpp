@@ -276,6 +276,8 @@ void run_pipeline(ModelState& state, HookRecord& record, torch::Tensor& tensor, 
     return;
   }
   const dist::Mesh& mesh = *state.mesh;
+  const dist::MessageLabel label(concat(hook_label(record), ", tensor ", firing.leaf, ", step ", firing.step,
+                                        firing.in_forward ? "" : " (backward)"));
   const Route route = plan_route(state, record, tensor, firing);
   check_replicas(mesh, record, tensor, route, firing.in_forward);
   const torch::Tensor local = route.sum_dp ? mesh.dp_group().all_reduce_sum(tensor) : tensor;

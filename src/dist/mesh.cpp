@@ -1,12 +1,16 @@
 // The world, the mesh and the MPI communicator. MPI types stay in this file.
 #include "flexmodel/dist.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
+#include <utility>
 
 #include <mpi.h>
 
+#include "flexmodel/detail/hash.h"
 #include "flexmodel/error.h"
 #include "flexmodel/logging.h"
 
@@ -77,9 +81,32 @@ std::vector<std::int64_t> front_shape(const torch::Tensor& like, std::int64_t di
   return shape;
 }
 
+thread_local std::string message_label;
+
+std::string describe(const torch::Tensor& tensor) { return detail::concat(tensor.scalar_type(), tensor.sizes()); }
+
+// What a rank's next message is, sent ahead of it: the call with its root,
+// dtype and shape, then the MessageLabel, as text (cut to fit) and a hash of
+// the whole text, which ranks compare.
+struct Envelope {
+  std::uint64_t hash = 0;
+  std::int32_t world_rank = 0;
+  char text[244] = {};
+};
+static_assert(sizeof(Envelope) == 256);
+
+Envelope envelope_of(const std::string& call) {
+  const std::string text = message_label.empty() ? call : call + " for " + message_label;
+  Envelope envelope;
+  envelope.hash = detail::fnv1a(text);
+  envelope.world_rank = detail::message_rank();
+  std::memcpy(envelope.text, text.data(), std::min(text.size(), sizeof envelope.text - 1));
+  return envelope;
+}
+
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  MpiCommunicator(MPI_Comm comm, std::string name) : comm_(comm), name_(std::move(name)) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
   }
@@ -93,6 +120,7 @@ class MpiCommunicator final : public Communicator {
   int size() const override { return size_; }
 
   torch::Tensor gather(const torch::Tensor& shard, std::int64_t dim, int root) override {
+    agree(detail::concat("gather of ", describe(shard), " along dim ", dim, " to rank ", root));
     auto [front, row_bytes] = rows_first(shard.cpu(), dim);
     const int count = to_count(front.size(0) * row_bytes * size_, "gather");
     torch::Tensor full;
@@ -104,6 +132,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   torch::Tensor scatter(const torch::Tensor& full, const torch::Tensor& like, std::int64_t dim, int root) override {
+    agree(detail::concat("scatter of ", describe(like), " pieces along dim ", dim, " from rank ", root));
     torch::Tensor piece = torch::empty(like.movedim(dim, 0).sizes(), like.options().device(torch::kCPU));
     const int count = to_count(static_cast<std::int64_t>(piece.nbytes()) * size_, "scatter");
     torch::Tensor front;
@@ -115,6 +144,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   torch::Tensor all_gather(const torch::Tensor& shard, std::int64_t dim) override {
+    agree(detail::concat("all_gather of ", describe(shard), " along dim ", dim));
     auto [front, row_bytes] = rows_first(shard.cpu(), dim);
     const int count = to_count(front.size(0) * row_bytes * size_, "all_gather");
     torch::Tensor full = result_buffer(front_shape(shard, dim, front.size(0) * size_), front.options());
@@ -124,6 +154,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   torch::Tensor all_reduce_sum(const torch::Tensor& tensor) override {
+    agree(detail::concat("all_reduce_sum of ", describe(tensor)));
     // MPI sums float32/float64/int64 natively; half types are summed in float32.
     const auto dtype = tensor.scalar_type();
     torch::Tensor work = tensor.cpu().contiguous();
@@ -141,6 +172,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   void broadcast(torch::Tensor& tensor, int root) override {
+    agree(detail::concat("broadcast of ", describe(tensor), " from rank ", root));
     torch::Tensor work = tensor.cpu().contiguous();
     check_mpi(MPI_Bcast(work.data_ptr(), to_count(static_cast<std::int64_t>(work.nbytes()), "broadcast"), MPI_BYTE,
                         root, comm_),
@@ -149,12 +181,14 @@ class MpiCommunicator final : public Communicator {
   }
 
   std::vector<std::int64_t> all_gather_ints(std::int64_t value) override {
+    agree("all_gather_ints");
     std::vector<std::int64_t> values(static_cast<std::size_t>(size_));
     check_mpi(MPI_Allgather(&value, 1, MPI_INT64_T, values.data(), 1, MPI_INT64_T, comm_), "MPI_Allgather");
     return values;
   }
 
   std::string broadcast_string(const std::string& text, int root) override {
+    agree(detail::concat("broadcast_string from rank ", root));
     std::int64_t length = static_cast<std::int64_t>(text.size());
     check_mpi(MPI_Bcast(&length, 1, MPI_INT64_T, root, comm_), "MPI_Bcast");
     std::string received = rank_ == root ? text : std::string(static_cast<std::size_t>(length), '\0');
@@ -165,6 +199,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   void send(const torch::Tensor& tensor, int destination) override {
+    const Envelope envelope = envelope_of(point_to_point(tensor, rank_, destination));
+    check_mpi(MPI_Send(&envelope, sizeof envelope, MPI_BYTE, destination, 0, comm_), "MPI_Send");
     torch::Tensor work = tensor.cpu().contiguous();
     check_mpi(MPI_Send(work.data_ptr(), to_count(static_cast<std::int64_t>(work.nbytes()), "send"), MPI_BYTE,
                        destination, 0, comm_),
@@ -172,6 +208,10 @@ class MpiCommunicator final : public Communicator {
   }
 
   void recv(torch::Tensor& tensor, int source) override {
+    const Envelope mine = envelope_of(point_to_point(tensor, source, rank_));
+    Envelope sent;
+    check_mpi(MPI_Recv(&sent, sizeof sent, MPI_BYTE, source, 0, comm_, MPI_STATUS_IGNORE), "MPI_Recv");
+    if (sent.hash != mine.hash) disagree(sent, mine);
     torch::Tensor work = tensor.device().is_cpu() && tensor.is_contiguous() ? tensor : torch::empty_like(tensor.cpu());
     check_mpi(MPI_Recv(work.data_ptr(), to_count(static_cast<std::int64_t>(work.nbytes()), "recv"), MPI_BYTE, source,
                        0, comm_, MPI_STATUS_IGNORE),
@@ -179,9 +219,35 @@ class MpiCommunicator final : public Communicator {
     if (!work.is_same(tensor)) tensor.copy_(work);
   }
 
-  void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+  void barrier() override {
+    agree("barrier");
+    check_mpi(MPI_Barrier(comm_), "MPI_Barrier");
+  }
 
  private:
+  static std::string point_to_point(const torch::Tensor& tensor, int source, int destination) {
+    return detail::concat("message of ", describe(tensor), " from rank ", source, " to rank ", destination);
+  }
+
+  // Every rank's envelope to every rank: all of them see a disagreement at
+  // once, before a byte of the message moves.
+  void agree(const std::string& call) {
+    const Envelope mine = envelope_of(call);
+    std::vector<Envelope> all(static_cast<std::size_t>(size_));
+    check_mpi(MPI_Allgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, comm_), "MPI_Allgather");
+    for (const Envelope& other : all) {
+      if (other.hash != all.front().hash) disagree(all.front(), other);
+    }
+  }
+
+  // Bytes of one call read as another's would be wrong or overrun a buffer;
+  // whatever each rank goes on to do, the program is off the rails.
+  [[noreturn]] void disagree(const Envelope& one, const Envelope& other) const {
+    abort_world(detail::concat("flexmodel: ranks disagree on their next message in the ", name_, " group: rank ",
+                               one.world_rank, " is at: ", one.text, "; rank ", other.world_rank, " is at: ",
+                               other.text, "; every rank must register the same hooks and run the same shapes"));
+  }
+
   // A gather's result, in a buffer of an earlier result that nothing holds any
   // more when there is one: a fresh buffer of many MiB costs its page faults
   // on every call, which a raw MPI call into a kept buffer does not pay.
@@ -204,6 +270,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   MPI_Comm comm_;
+  std::string name_;  // for messages: "tensor-parallel"
   std::vector<torch::Tensor> kept_buffers_;
   int rank_ = 0;
   int size_ = 1;
@@ -230,13 +297,16 @@ class LocalCommunicator final : public Communicator {
   void barrier() override {}
 };
 
-std::shared_ptr<Communicator> split(MPI_Comm parent, int color, int key) {
+std::shared_ptr<Communicator> split(MPI_Comm parent, int color, int key, const char* name) {
   MPI_Comm comm = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split(parent, color, key, &comm), "MPI_Comm_split");
-  return std::make_shared<MpiCommunicator>(comm);
+  return std::make_shared<MpiCommunicator>(comm, name);
 }
 
 }  // namespace
+
+MessageLabel::MessageLabel(std::string what) : previous_(std::exchange(message_label, std::move(what))) {}
+MessageLabel::~MessageLabel() { message_label = std::move(previous_); }
 
 bool launched_by_mpi() {
   return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr ||
@@ -272,10 +342,10 @@ std::shared_ptr<Mesh> Mesh::create(MeshShape shape) {
   MPI_Comm world_copy = MPI_COMM_NULL;
   MPI_Comm_dup(MPI_COMM_WORLD, &world_copy);
   MPI_Comm_set_errhandler(world_copy, MPI_ERRORS_RETURN);
-  mesh->world_ = std::make_shared<MpiCommunicator>(world_copy);
-  mesh->tp_ = split(world_copy, static_cast<int>(pp * shape.dp + dp), static_cast<int>(tp));
-  mesh->dp_ = split(world_copy, static_cast<int>(pp * shape.tp + tp), static_cast<int>(dp));
-  mesh->pp_ = split(world_copy, static_cast<int>(dp * shape.tp + tp), static_cast<int>(pp));
+  mesh->world_ = std::make_shared<MpiCommunicator>(world_copy, "world");
+  mesh->tp_ = split(world_copy, static_cast<int>(pp * shape.dp + dp), static_cast<int>(tp), "tensor-parallel");
+  mesh->dp_ = split(world_copy, static_cast<int>(pp * shape.tp + tp), static_cast<int>(dp), "data-parallel");
+  mesh->pp_ = split(world_copy, static_cast<int>(dp * shape.tp + tp), static_cast<int>(pp), "pipeline");
   return mesh;
 }
 

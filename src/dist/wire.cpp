@@ -52,6 +52,7 @@ std::vector<WireCapture> receive_captures(dist::Communicator& group, int source)
 }
 
 std::vector<WireCapture> collect_at_rank0(const dist::Mesh& mesh, std::vector<WireCapture> captures) {
+  const dist::MessageLabel label("the captures of a pipeline stage");
   if (mesh.pp_rank() > 0) {
     send_captures(mesh.world(), captures, 0);
     return {};

@@ -2,6 +2,8 @@
 #include "io/hdf5_format.h"
 
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -13,6 +15,7 @@
 #include <filesystem>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <hdf5.h>
 
@@ -100,6 +103,25 @@ void skip_exit_handlers_from_now() {
 std::uint64_t file_size_limit() {
   rlimit limit{};
   return ::getrlimit(RLIMIT_FSIZE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY ? 0 : limit.rlim_cur;
+}
+
+bool copy_file_contents(int from, int to) {
+  struct stat status {};
+  if (::fstat(from, &status) != 0 || ::ftruncate(to, 0) != 0) return false;
+  if (::ioctl(to, FICLONE, from) == 0) return true;
+  loff_t in = 0, out = 0;
+  while (in < status.st_size) {
+    const ssize_t copied = ::copy_file_range(from, &in, to, &out, static_cast<std::size_t>(status.st_size - in), 0);
+    if (copied > 0) continue;
+    if (copied == 0) break;
+    if (errno != ENOSYS && errno != EXDEV && errno != EINVAL && errno != EOPNOTSUPP) return false;
+    std::vector<char> buffer(std::size_t{1} << 20);
+    for (ssize_t got; (got = ::pread(from, buffer.data(), buffer.size(), in)) != 0; in += got) {
+      if (got < 0 || ::pwrite(to, buffer.data(), static_cast<std::size_t>(got), in) != got) return false;
+    }
+    break;
+  }
+  return true;
 }
 
 void move_file(const std::string& from, const std::string& to, bool replace) {

@@ -101,6 +101,11 @@ void skip_exit_handlers_from_now();
 // This process's file-size limit (ulimit -f) in bytes; 0 when none.
 std::uint64_t file_size_limit();
 
+// Makes the open file `to` a copy of the open file `from`: a reflink where the
+// filesystem shares blocks (btrfs, XFS), else a copy in the kernel, else
+// through a buffer. False, with errno, when it fails.
+bool copy_file_contents(int from, int to);
+
 // Moves `from` to `to`; an existing `to` is replaced only when `replace` is set.
 void move_file(const std::string& from, const std::string& to, bool replace);
 

@@ -159,6 +159,7 @@ class HDF5Writer::Impl {
     std::vector<hsize_t> offset;
     std::int64_t step;
     std::future<std::vector<unsigned char>> bytes;
+    torch::Tensor input;  // what the pool reads, held until its bytes are written
     std::shared_ptr<void> budget;
   };
 
@@ -171,8 +172,11 @@ class HDF5Writer::Impl {
   void release_budget(std::size_t bytes);
 
   // Opening.
+  void lock_partial();
   void create_file();
-  void open_file();
+  void continue_copy();
+  // Opens `file` to append to it: `path_` itself, or a copy this writer holds the lock of.
+  void open_file(const std::string& file, bool locked);
   // hdf5_locks: HDF5's own file lock; off where this writer holds its own.
   Handle file_access(bool hdf5_locks = true) const;
   void load_dataset(const std::string& path);
@@ -251,8 +255,8 @@ HDF5Writer::Impl::Impl(const std::string& path, HDF5WriterOptions options)
         QuietErrors quiet;
         return parse_compression(options_.compression());
       }()) {
-  FLEXMODEL_CHECK(!(options_.overwrite() && options_.append()), ConfigError, "HDF5Writer for '", path_,
-                  "': overwrite and append exclude each other");
+  FLEXMODEL_CHECK(int{options_.overwrite()} + int{options_.append()} + int{!options_.continues().empty()} <= 1,
+                  ConfigError, "HDF5Writer for '", path_, "': overwrite, append and continues exclude each other");
   FLEXMODEL_CHECK(options_.memory_budget() > 0, ConfigError, "HDF5Writer: memory_budget must be positive");
   if (options_.crash_safe()) {
     unsigned major = 0, minor = 0, release = 0;
@@ -273,14 +277,16 @@ HDF5Writer::Impl::Impl(const std::string& path, HDF5WriterOptions options)
 
   QuietErrors quiet;
   const bool exists = std::filesystem::exists(path_);
-  FLEXMODEL_CHECK(!exists || options_.overwrite() || options_.append(), IOError, "'", path_,
-                  "' exists: set overwrite(true) to replace it or append(true) to continue it");
+  FLEXMODEL_CHECK(!exists || options_.overwrite() || options_.append() || !options_.continues().empty(), IOError, "'",
+                  path_, "' exists: set overwrite(true) to replace it or append(true) to continue it");
   // Replacing or continuing a device, a directory, a socket or a pipe (or a
   // link to one) would destroy or corrupt something that is not a file.
   FLEXMODEL_CHECK(!exists || std::filesystem::is_regular_file(path_), IOError, "'", path_,
                   "' exists and is not a regular file; flexmodel replaces or continues only regular files");
-  if (exists && options_.append()) {
-    open_file();
+  if (!options_.continues().empty()) {
+    continue_copy();
+  } else if (exists && options_.append()) {
+    open_file(path_, /*locked=*/false);
   } else {
     create_file();
   }
@@ -315,11 +321,11 @@ Handle HDF5Writer::Impl::file_access(bool hdf5_locks) const {
   return access;
 }
 
-void HDF5Writer::Impl::create_file() {
+// Another writer's `<path>.partial` is its own: it holds a lock on it, and
+// this writer fails before touching it (HDF5 would truncate the file before
+// finding HDF5's lock). A leftover of a killed run holds no lock and is replaced.
+void HDF5Writer::Impl::lock_partial() {
   file_path_ = path_ + ".partial";
-  // Another writer's `<path>.partial` is its own: it holds a lock on it, and
-  // this writer fails before touching it (HDF5 would truncate the file before
-  // finding HDF5's lock). A leftover of a killed run holds no lock and is replaced.
   partial_lock_ = ::open(file_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   FLEXMODEL_CHECK(partial_lock_ >= 0, IOError, "could not create '", file_path_, "' (for '", path_,
                   "'): ", std::strerror(errno));
@@ -328,6 +334,10 @@ void HDF5Writer::Impl::create_file() {
     FLEXMODEL_FAIL(IOError, "'", path_, "' is being written by another writer, which holds '", file_path_,
                    "'; wait for it to finish or write another path");
   }
+}
+
+void HDF5Writer::Impl::create_file() {
+  lock_partial();
   try {
     Handle creation(FLEXMODEL_H5(H5Pcreate(H5P_FILE_CREATE), "could not create a property list"), H5Pclose);
     FLEXMODEL_H5(H5Pset_file_space_strategy(creation.get(), H5F_FSPACE_STRATEGY_NONE, 0, 1),
@@ -365,29 +375,62 @@ void HDF5Writer::Impl::create_file() {
   }
 }
 
-void HDF5Writer::Impl::open_file() {
-  file_path_ = path_;
-  published_ = true;
+// The copy is `<path>.partial`, created and published as create_file's file is.
+void HDF5Writer::Impl::continue_copy() {
+  const std::string& source = options_.continues();
+  FLEXMODEL_CHECK(std::filesystem::is_regular_file(source), IOError, "cannot continue '", source,
+                  "': it is not a regular file");
+  lock_partial();
+  try {
+    const int from = ::open(source.c_str(), O_RDONLY | O_CLOEXEC);
+    FLEXMODEL_CHECK(from >= 0, IOError, "could not open '", source, "' to continue it: ", std::strerror(errno));
+    const auto size = std::filesystem::file_size(source);
+    const bool fits = size_limit_ == 0 || size + 2 * flush_reserve() <= size_limit_;
+    const bool copied = fits && copy_file_contents(from, partial_lock_);
+    const int error = errno;
+    ::close(from);
+    FLEXMODEL_CHECK(fits, IOError, "could not copy '", source, "' to '", file_path_, "': File too large (",
+                    size, " bytes, about this process's file-size limit, ulimit -f, of ", size_limit_, " bytes)");
+    FLEXMODEL_CHECK(copied, IOError, "could not copy '", source, "' to '", file_path_, "' to continue it: ",
+                    std::strerror(error));
+    open_file(file_path_, /*locked=*/true);
+  } catch (...) {
+    activations_.reset();
+    rows_per_step_.reset();
+    datasets_.clear();
+    file_.reset();
+    H5Eclear2(H5E_DEFAULT);
+    std::filesystem::remove(file_path_);
+    ::close(std::exchange(partial_lock_, -1));
+    throw;
+  }
+}
+
+void HDF5Writer::Impl::open_file(const std::string& file, bool locked) {
+  file_path_ = file;
+  published_ = file == path_;
+  const std::string& name = published_ ? path_ : options_.continues();  // what messages call the file
+  bool known = false;
   {
     // HDF5 marks the superblock while the file is open: put back if nothing is committed.
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    const bool known = fd >= 0 && original_superblock_.read(fd);
+    const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+    known = fd >= 0 && original_superblock_.read(fd);
     if (fd >= 0) ::close(fd);
-    restore_superblock_ = known;
+    restore_superblock_ = known && published_;
   }
-  Handle access = file_access();
-  file_ = Handle(FLEXMODEL_H5(H5Fopen(path_.c_str(), H5F_ACC_RDWR, access.get()), "could not open '", path_,
+  Handle access = file_access(/*hdf5_locks=*/!locked);
+  file_ = Handle(FLEXMODEL_H5(H5Fopen(file.c_str(), H5F_ACC_RDWR, access.get()), "could not open '", file,
                               "' to append to it"),
                  H5Fclose);
   const hid_t root = file_.get();
   const std::string at = where("/");
   const auto version = read_int_attribute(root, "layout_version", at);
-  FLEXMODEL_CHECK(version.has_value(), IOError, "cannot append to '", path_,
+  FLEXMODEL_CHECK(version.has_value(), IOError, "cannot append to '", name,
                   "': it has no root attribute layout_version, so flexmodel did not write it");
-  FLEXMODEL_CHECK(*version == kLayoutVersion, IOError, "cannot append to '", path_, "': its layout_version is ",
+  FLEXMODEL_CHECK(*version == kLayoutVersion, IOError, "cannot append to '", name, "': its layout_version is ",
                   *version, ", this flexmodel writes ", kLayoutVersion);
-  FLEXMODEL_CHECK(!options_.crash_safe() || (restore_superblock_ && reuses_no_space(root)), IOError,
-                  "cannot append to '", path_, "' crash-safely: its superblock or free-space strategy is not the one "
+  FLEXMODEL_CHECK(!options_.crash_safe() || (known && reuses_no_space(root)), IOError,
+                  "cannot append to '", name, "' crash-safely: its superblock or free-space strategy is not the one "
                   "this writer creates (was it rewritten, by h5repack say?); pass crash_safe(false) (flex-dump "
                   "--no-crash-safety) to append without that guarantee, or write another file");
   steps_ = read_int_attribute(root, "steps", at).value_or(0);
@@ -395,12 +438,12 @@ void HDF5Writer::Impl::open_file() {
   const auto tp = read_int_attribute(root, "tp", at).value_or(1), pp = read_int_attribute(root, "pp", at).value_or(1),
              dp = read_int_attribute(root, "dp", at).value_or(1);
   // Rows of another model under these names would pass for this one's.
-  FLEXMODEL_CHECK(model == options_.model(), IOError, "cannot append to '", path_, "': it holds activations of model '",
+  FLEXMODEL_CHECK(model == options_.model(), IOError, "cannot append to '", name, "': it holds activations of model '",
                   model, "', this run's model is '", options_.model(), "'; write another file");
   if (tp != options_.tp() || pp != options_.pp() || dp != options_.dp()) {
     logger()->warn("HDF5Writer: appending to '{}', written for model '{}' (tp {}, pp {}, dp {}), from model '{}' "
                    "(tp {}, pp {}, dp {}); its root attributes stay",
-                   path_, model, tp, pp, dp, options_.model(), options_.tp(), options_.pp(), options_.dp());
+                   name, model, tp, pp, dp, options_.model(), options_.tp(), options_.pp(), options_.dp());
   }
   activations_ = open_or_create_group(root, "activations", where("/activations"));
   rows_per_step_ = open_or_create_group(root, "rows_per_step", where("/rows_per_step"));
@@ -414,7 +457,7 @@ void HDF5Writer::Impl::open_file() {
     }
   }
   void* handle = nullptr;
-  FLEXMODEL_H5(H5Fget_vfd_handle(root, H5P_DEFAULT, &handle), "could not get the descriptor of '", path_, "'");
+  FLEXMODEL_H5(H5Fget_vfd_handle(root, H5P_DEFAULT, &handle), "could not get the descriptor of '", file, "'");
   file_descriptor_ = *static_cast<int*>(handle);
 }
 
@@ -640,24 +683,35 @@ void HDF5Writer::Impl::write(const std::string& module_name, HookType type, std:
                     "; only dim 0 may be empty");
   }
   const std::size_t bytes = snapshot.nbytes();
-  Key key(module_name, type);
+  // Allocated before the lock, which giving bytes back takes: a bad_alloc
+  // under it would wait on itself. Armed with the bytes once they are counted.
+  struct Budget {
+    Impl* writer;
+    std::size_t bytes;
+    ~Budget() {
+      if (bytes > 0) writer->release_budget(bytes);
+    }
+  };
+  auto budget = std::make_shared<Budget>(Budget{this, 0});
+  Item item;
+  item.kind = Item::Kind::data;
+  item.step = step;
+  item.key = Key(module_name, type);
+  item.tensor = snapshot;
 
   std::unique_lock lock(mutex_);
   check_usable("write");
-  check_layout(key, layout);
+  check_layout(item.key, layout);
   // Waits for the writer's backlog, never for the step being staged.
   space_.wait(lock, [&] {
     return error_ != nullptr || queued_bytes_ == staged_bytes_ || queued_bytes_ + bytes <= options_.memory_budget();
   });
   check_usable("write");
+  if (staged_.size() == staged_.capacity()) staged_.reserve(std::max<std::size_t>(16, 2 * staged_.capacity()));
   queued_bytes_ += bytes;
   staged_bytes_ += bytes;
-  Item item;
-  item.kind = Item::Kind::data;
-  item.step = step;
-  item.key = std::move(key);
-  item.tensor = snapshot;
-  item.budget = std::shared_ptr<void>(nullptr, [this, bytes](void*) { release_budget(bytes); });
+  budget->bytes = bytes;
+  item.budget = std::move(budget);
   staged_.push_back(std::move(item));
 }
 
@@ -999,12 +1053,13 @@ void HDF5Writer::Impl::emit(Dataset& dataset, hsize_t row, torch::Tensor slab, c
     if (unfiltered) {
       write_chunk(dataset, offset, chunk.data_ptr(), chunk.nbytes(), step_, dataset.unfiltered);
     } else {
-      const std::size_t element = dataset.element;
+      // The job gets bare bytes: a tensor released on a pool thread could free a
+      // view's base there, out of this thread's sight (and ThreadSanitizer's).
+      const auto* input = static_cast<const unsigned char*>(chunk.data_ptr());
+      const std::size_t size = chunk.nbytes(), element = dataset.element;
       const int level = dataset.level;
-      auto bytes = pool_->submit([chunk, element, level] {
-        return shuffle_deflate(static_cast<const unsigned char*>(chunk.data_ptr()), chunk.nbytes(), element, level);
-      });
-      in_flight_.push_back(InFlight{&dataset, offset, step_, std::move(bytes), budget});
+      auto bytes = pool_->submit([input, size, element, level] { return shuffle_deflate(input, size, element, level); });
+      in_flight_.push_back(InFlight{&dataset, offset, step_, std::move(bytes), std::move(chunk), budget});
       write_in_flight(4 * pool_->size());
     }
     std::size_t d = rank - 1;
@@ -1144,7 +1199,7 @@ void HDF5Writer::Impl::commit(bool new_step, bool last) {
     flush_file("the file");
   }
   if (!published_) {
-    move_file(file_path_, path_, options_.overwrite());
+    move_file(file_path_, path_, options_.overwrite() || !options_.continues().empty());
     file_path_ = path_;
     published_ = true;
   }

@@ -1,24 +1,23 @@
-/* Preloaded (LD_PRELOAD) into the kill test's writer process: raises SIGKILL
- * just before the process's Nth write to a regular file, N taken from
- * FLEXMODEL_KILL_AT_WRITE. Sweeping N ends the writer at every point of its
- * flushes, where killing at random times rarely lands. */
+/* Linked into the writer tests' executable, whose pwrite and write take the
+ * place of the C library's for every library in the process (HDF5's file
+ * driver among them): flexmodel_kill_at_write(N) makes the process raise
+ * SIGKILL just before its Nth write to a regular file from then on. The kill
+ * test arms it in a forked child writer: sweeping N ends the writer at every
+ * point of its flushes, where killing at random times rarely lands. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <signal.h>
-#include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 static long writes_left = -1;
 
-__attribute__((constructor)) static void read_kill_point(void) {
-  const char* at = getenv("FLEXMODEL_KILL_AT_WRITE");
-  writes_left = at != NULL ? atol(at) : -1;
-}
+void flexmodel_kill_at_write(long writes) { __atomic_store_n(&writes_left, writes, __ATOMIC_SEQ_CST); }
 
 static void count_write(int fd) {
   struct stat status;
-  if (writes_left <= 0 || fstat(fd, &status) != 0 || !S_ISREG(status.st_mode)) return;
+  if (__atomic_load_n(&writes_left, __ATOMIC_SEQ_CST) <= 0 || fstat(fd, &status) != 0 || !S_ISREG(status.st_mode))
+    return;
   if (__atomic_sub_fetch(&writes_left, 1, __ATOMIC_SEQ_CST) == 0) raise(SIGKILL);
 }
 

@@ -14,6 +14,8 @@
 //                    then a forward fails on rank 1 only: it must end the world,
 //                    not pass for an error every rank raised
 //   killed           (dp) rank 1 is killed by a signal in the middle of a forward
+//   other_hooks      rank 0 hooks layers.0.mlp, rank 1 layers.1.mlp (alike in shape)
+//   other_batch      (dp) rank 1 runs a batch of another size
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -139,6 +141,17 @@ int run(const flexmodel::dist::MeshShape& shape, const std::string& mode) {
       fm.register_forward_hook(HookFunction("fc"));
       fm.forward(x);
     }
+  } else if (mode == "other_hooks" || mode == "other_batch") {
+    // What a wrapper choosing arguments by rank does: it must never pass.
+    torch::NoGradGuard no_grad;
+    torch::manual_seed(0);
+    flexmodel::models::GPT full(flexmodel::models::GPTOptions().vocab_size(64).d_model(32).n_heads(4).n_layers(4));
+    flexmodel::parallel::ParallelGPT sharded(*full, mesh);
+    FlexModel fm(sharded, FlexModelOptions().mesh(mesh));
+    const bool other = mode == "other_hooks" && world_rank() == 1;
+    fm.register_forward_hook(HookFunction(other ? "layers.1.mlp" : "layers.0.mlp"));
+    const std::int64_t rows = mode == "other_batch" && world_rank() == 1 ? 6 : 4;
+    fm.forward(torch::randint(0, 64, {rows, 8}));
   } else {
     torch::NoGradGuard no_grad;
     torch::manual_seed(0);

@@ -243,6 +243,20 @@ def main(tool, fixtures, mpirun):
                                  "--batch-size", "1"], capture_output=True, text=True, preexec_fn=limit)
         assert failed.returncode == 1 and "file-size limit, ulimit -f" in failed.stderr, (failed.returncode, failed.stderr)
         assert not os.path.exists(limited) and not os.path.exists(limited + ".partial"), os.listdir(scratch)
+
+        # An --append that fails late, at a limit some hundred steps on, leaves the file byte for byte.
+        continued = os.path.join(scratch, "continued.h5")
+        limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (5_000_000, 5_000_000))
+        assert run(tool, *common, "--out", continued).returncode == 0
+        with open(continued, "rb") as f:
+            before = f.read()
+        failed = subprocess.run([tool, *common[:2], "--input", many, *common[4:], "--out", continued, "--append",
+                                 "--batch-size", "1"], capture_output=True, text=True, preexec_fn=limit)
+        assert failed.returncode == 1 and "could not write to" in failed.stderr and \
+            "file-size limit, ulimit -f" in failed.stderr, (failed.returncode, failed.stderr)
+        with open(continued, "rb") as f:
+            assert f.read() == before, "a failed --append changed the file"
+        assert not [name for name in os.listdir(scratch) if name.startswith("continued.h5.")], os.listdir(scratch)
     print(f"flex-dump: {checked} datasets equal PyTorch's hooks; meshes (1,1,2) (2,1,2) (1,3,1) equal one process; "
           "errors leave no file")
 

@@ -49,6 +49,12 @@ struct HDF5WriterOptions {
   // an existing path is an IOError.
   TORCH_ARG(bool, overwrite) = false;
   TORCH_ARG(bool, append) = false;
+  // Set: the file starts as a copy of this one (a reflink where the filesystem
+  // has them) and continues it, checked as append checks; it replaces `path`
+  // once its first step commits. The file copied is never written, so a run
+  // that fails leaves it byte for byte (in-place append cannot: HDF5 rewrites
+  // a file's metadata where it lies). Excludes overwrite and append.
+  TORCH_ARG(std::string, continues) = "";
 
   // "none"; "gzip" or "gzip:N" (N 0-9, default 4; with shuffle; h5py reads it
   // with no plugin); "lz4", "zstd[:N]", "blosc[:N]" need HDF5's filter plugins
