@@ -29,6 +29,7 @@
 
 #include <torch/autograd.h>
 
+#include "flexmodel/cache.h"
 #include "flexmodel/flex_model.h"
 #include "flexmodel/nn.h"
 #include "flexmodel/error.h"
@@ -992,6 +993,24 @@ TEST(HDF5Writer, DiskFullIsAClearErrorAndKeepsTheCommittedSteps) {
             0);
 }
 
+// cache.save writes flex-dump's layout: one step, each call of a hook point a block of rows.
+TEST(ActivationCache, SavesOneStepInTheFileLayout) {
+  TempDir dir;
+  const std::string file = dir / "cache.h5";
+  ActivationCache cache;
+  cache.add("layers.0.mlp", HookType::forward, torch::arange(6, torch::kFloat).view({2, 3}));
+  cache.add("", HookType::forward_pre, torch::arange(4, torch::kLong).view({1, 4}));
+  cache.add("layers.0.mlp", HookType::forward, torch::full({1, 3}, 7.0));  // a second call
+  cache.save(file);
+  EXPECT_EQ(run_python("-c \"import h5py, sys; f = h5py.File('" + file + "', 'r'); "
+                       "m = f['activations/layers.0.mlp/forward']; r = f['activations/(root)/forward_pre']; "
+                       "sys.exit(0 if int(f.attrs['steps']) == 1 and m[()].tolist() == [[0, 1, 2], [3, 4, 5], [7, 7, 7]] and "
+                       "r[()].tolist() == [[0, 1, 2, 3]] and r.dtype == 'int64' and "
+                       "list(f['rows_per_step/layers.0.mlp/forward']) == [3] else 1)\""),
+            0);
+  EXPECT_THROW(cache.save(file), IOError) << "an existing file was replaced without overwrite";
+}
+
 // ---- the kill test ------------------------------------------------------
 
 // Keep in step with tests/hdf5/check_killed.py.
@@ -1069,8 +1088,12 @@ KilledWriter run_child_writer(const std::string& file, const std::string& compre
     }
     ::_exit(1);
   }
-  EXPECT_GT(child, 0) << std::strerror(errno);
   ::close(pipe_ends[1]);
+  if (child < 0) {
+    ADD_FAILURE() << "could not fork a child writer: " << std::strerror(errno);
+    ::close(pipe_ends[0]);
+    return {};
+  }
 
   std::string output;
   char buffer[4096];

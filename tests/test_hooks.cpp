@@ -2,7 +2,9 @@
 
 #include <spdlog/sinks/ostream_sink.h>
 
+#include "flexmodel/cache.h"
 #include "flexmodel/hooks/editing.h"
+#include "flexmodel/scoped_hooks.h"
 #include "flexmodel/sink.h"
 #include "flexmodel/models/gpt.h"
 #include "test_models.h"
@@ -442,14 +444,103 @@ TEST(Sequential, ChildrenOfThePlainSequentialAreRefused) {
   fm.register_forward_hook(HookFunction(""));  // the root is always hookable
 }
 
-TEST(SaveContext, TypeMismatchSaysWhatItHolds) {
+TEST(SaveContext, NumbersConvertAndOtherMismatchesSayWhatTheyHold) {
   SaveContext ctx;
-  ctx.set("n", 3);
-  EXPECT_EQ(ctx.get<int>("n"), 3);
-  auto message = error_of([&] { ctx.get<double>("n"); });
-  EXPECT_NE(message.find("save_ctx['n'] holds int, asked for double"), std::string::npos) << message;
+  ctx.set("pos", 3);
+  EXPECT_EQ(ctx.get<int>("pos"), 3);
+  EXPECT_EQ(ctx.get<std::int64_t>("pos"), 3);  // an int asked for as int64_t
+  ctx.get<std::int64_t>("pos") += 1;            // kept as int64_t from then on
+  EXPECT_EQ(ctx.get<double>("pos"), 4.0);
+  ctx.set("scale", 0.5f);
+  EXPECT_EQ(ctx.get<double>("scale"), 0.5);
+  ctx.set("name", std::string("mlp"));
+  auto message = error_of([&] { ctx.get<int>("name"); });
+  EXPECT_NE(message.find("save_ctx['name'] holds std::"), std::string::npos) << message;
+  EXPECT_NE(message.find("asked for int"), std::string::npos) << message;
+  ctx.set("flag", 1);
+  EXPECT_THROW(ctx.get<bool>("flag"), ConfigError) << "a number is not a bool";
   EXPECT_THROW(ctx.get<int>("missing"), ConfigError);
 }
+
+// A scope's hooks run alone under scope.only(), with the model's under
+// Groups{}, and are gone when the block ends, an exception's end included.
+TEST_F(HookTest, ScopedHooksLastTheirBlockEvenWhenTheForwardThrows) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc2"));
+  torch::NoGradGuard no_grad;
+  const auto twice = [](const torch::Tensor& t) { return t * 2; };
+  {
+    ScopedHooks scope(fm);
+    scope.add(HookFunction("fc1", {}, twice));
+    EXPECT_TRUE(torch::equal(fm.forward(scope.only(), x), compute_by_hand(*net, x, twice).out));
+    EXPECT_FALSE(fm.outputs().contains("fc2")) << "the model's own hook ran under scope.only()";
+    fm.forward(x);  // both
+    EXPECT_TRUE(torch::equal(fm.outputs().at("fc2")[0], compute_by_hand(*net, x, twice).fc2));
+    EXPECT_EQ(scope.add("fc*", HookFunction("").capture(false), HookType::forward_pre).size(), 2u);
+    EXPECT_EQ(fm.hooks().size(), 4u);
+  }
+  EXPECT_EQ(fm.hooks().size(), 1u);
+  EXPECT_EQ(fm.hook_groups(), std::set<std::string>{kAllGroup});
+  try {
+    ScopedHooks scope(fm);
+    scope.add(HookFunction("act", {}, [](const torch::Tensor&) -> torch::Tensor { throw std::runtime_error("boom"); }));
+    fm.forward(scope.only(), x);
+    ADD_FAILURE() << "the editing function did not throw";
+  } catch (const HookError& error) {
+    EXPECT_NE(std::string(error.what()).find("boom"), std::string::npos) << error.what();
+  }
+  EXPECT_EQ(fm.hooks().size(), 1u);
+  fm.outputs().clear();
+  EXPECT_TRUE(torch::equal(fm.forward(x), compute_by_hand(*net, x).out));
+  EXPECT_TRUE(torch::equal(fm.outputs().at("fc2")[0], compute_by_hand(*net, x).fc2));
+  EXPECT_THROW(ScopedHooks(fm).add("nothing*", HookFunction("")), ConfigError);
+  // A model restored under a scope: the scope's end finds nothing to remove.
+  {
+    ScopedHooks scope(fm);
+    scope.add(HookFunction("fc1"));
+    fm.restore();
+  }
+  EXPECT_TRUE(fm.hooks().empty());
+}
+
+TEST_F(HookTest, GroupsNoneRunsTheModelAsUnwrapped) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc1", {}, [](const torch::Tensor& t) { return t * 0; }));
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::equal(fm.forward(Groups::none(), x), compute_by_hand(*net, x).out));
+  EXPECT_TRUE(fm.outputs().empty());
+  EXPECT_FALSE(torch::equal(fm.forward(x), compute_by_hand(*net, x).out));
+}
+
+TEST_F(HookTest, RunWithCacheHoldsThatRunsTensorsInForwardOrder) {
+  FlexModel fm(net);
+  torch::NoGradGuard no_grad;
+  const auto ref = compute_by_hand(*net, x);
+  auto [out, cache] = run_with_cache(fm, "**", x);
+  EXPECT_TRUE(torch::equal(out, ref.out));
+  const std::vector<ActivationCache::Key> order{{"fc1", HookType::forward}, {"act", HookType::forward},
+                                                {"split", HookType::forward}, {"fc2", HookType::forward},
+                                                {"", HookType::forward}};
+  EXPECT_EQ(cache.keys(), order);
+  EXPECT_TRUE(torch::equal(cache.at("fc1"), ref.fc1));
+  EXPECT_TRUE(torch::equal(cache.at("act"), ref.act));
+  EXPECT_TRUE(torch::equal(cache.at("split"), ref.split_doubled));  // unpack_idx 0
+  EXPECT_TRUE(torch::equal(cache.at(""), ref.out));
+  EXPECT_TRUE(fm.outputs().empty() && fm.hooks().empty());
+  // Copies: editing what the model returned leaves the cache alone.
+  out.zero_();
+  EXPECT_TRUE(torch::equal(cache.at(""), ref.out));
+  auto message = error_of([&] { cache.stack("fc*"); });
+  EXPECT_NE(message.find("'fc1' has shape [5, 8] but 'fc2' [5, 3]"), std::string::npos) << message;
+  EXPECT_TRUE(torch::equal(cache.stack("fc1"), ref.fc1.unsqueeze(0)));
+  message = error_of([&] { cache.at("side"); });
+  EXPECT_NE(message.find("the cache has nothing of 'side' (forward); it holds 'fc1' (forward)"), std::string::npos)
+      << message;
+  // forward_pre: the inputs.
+  auto [unused, inputs] = run_with_cache(fm, "fc2", CacheOptions().hook_type(HookType::forward_pre), x);
+  EXPECT_TRUE(torch::equal(inputs.at("fc2", HookType::forward_pre), ref.fc2_input));
+}
+
 
 TEST(OutputMap, MissingKeyListsWhatWasCaptured) {
   torch::manual_seed(0);

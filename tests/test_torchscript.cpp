@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "flexmodel/cache.h"
 #include "flexmodel/flexmodel.h"
 #include "flexmodel/hooks/editing.h"
 #include "flexmodel/npy.h"
@@ -118,6 +119,32 @@ TEST_P(TorchScriptTest, EditsChangeTheLogitsAsTheSameEditWithPyTorchHooks) {
   EXPECT_TRUE(torch::allclose(zeroed, reference.tensors.at("logits_zero_mlp"), 0, 1e-6));
   EXPECT_TRUE(torch::allclose(scaled, reference.tensors.at("logits_scale_residual"), 0, 1e-6));
   EXPECT_TRUE(torch::allclose(plain, reference.tensors.at("logits"), 0, 1e-6));
+}
+
+// A cache holds this run's tensors of the selected points, as PyTorch's hooks
+// saw them, in forward order; the model's own hooks neither run nor grow.
+TEST_P(TorchScriptTest, RunWithCacheHoldsWhatPyTorchsHooksSawForThatRunOnly) {
+  const auto& reference = Reference::get();
+  FlexModel fm(path());
+  fm.register_forward_hook(HookFunction("layers.0.ln_1"));
+  auto [logits, cache] = run_with_cache(fm, "layers.*.mlp", std::vector<torch::IValue>{reference.tokens});
+  EXPECT_TRUE(torch::allclose(logits.toTensor(), reference.tensors.at("logits"), 0, 1e-6));
+  std::vector<ActivationCache::Key> expected;
+  for (const char* name : {"layers.0.mlp", "layers.1.mlp", "layers.2.mlp"}) {
+    expected.emplace_back(name, HookType::forward);
+    EXPECT_TRUE(torch::allclose(cache.at(name), reference.tensors.at(std::string("forward|") + name + "|0"), 0, 1e-6))
+        << name;
+  }
+  EXPECT_EQ(cache.keys(), expected);
+  EXPECT_TRUE(torch::equal(cache.stack("layers.*.mlp")[1], cache.at("layers.1.mlp")));
+  EXPECT_TRUE(fm.outputs().empty()) << "the model's own hook ran, or the cache's captured";
+  EXPECT_EQ(fm.hooks().size(), 1u);
+  EXPECT_EQ(fm.hook_groups(), std::set<std::string>{kAllGroup});
+  // Cast as captured: bf16 copies of the same tensors.
+  auto [unused, small] = run_with_cache(fm, "layers.0.mlp", CacheOptions().dtype(torch::kBFloat16),
+                                        std::vector<torch::IValue>{reference.tokens});
+  EXPECT_EQ(small.at("layers.0.mlp").scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(small.at("layers.0.mlp"), cache.at("layers.0.mlp").to(torch::kBFloat16)));
 }
 
 TEST_P(TorchScriptTest, InstancesThatShareAClassAreToldApart) {

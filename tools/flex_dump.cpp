@@ -478,6 +478,14 @@ int run(int argc, char** argv) {
     FLEXMODEL_CHECK(!std::filesystem::exists(settings.out_path, error), flexmodel::ConfigError, "'",
                     settings.out_path, "' exists: pass --overwrite to replace it or --append to continue it");
   }
+  if (settings.append) {
+    // A killed --append leaves its steps there, in no other file: never overwrite them unasked.
+    std::error_code error;
+    const std::string copy = settings.out_path + ".appending";
+    FLEXMODEL_CHECK(!std::filesystem::exists(copy, error), flexmodel::ConfigError, "'", copy,
+                    "' exists: an --append of '", settings.out_path, "' runs, or one that ended early left its steps "
+                    "there; move it over '", settings.out_path, "' to keep them, or delete it");
+  }
   const std::int64_t dp = settings.dp;
   FLEXMODEL_CHECK(settings.batch_size > 0 && settings.batch_size % dp == 0, flexmodel::ConfigError, "--batch-size ",
                   settings.batch_size, " must be a positive multiple of --dp ", dp);

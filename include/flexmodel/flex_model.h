@@ -51,6 +51,8 @@ struct Groups {
     complemented = value;
     return *this;
   }
+  // No hooks at all: the model as if unwrapped (a baseline next to an edit).
+  static Groups none() { return Groups{kAllGroup}.complement(); }
 
   std::vector<std::string> names{kAllGroup};
   bool complemented = false;
@@ -167,6 +169,9 @@ class FlexModelBase {
   void remove_hook_groups(const std::vector<HookHandle>& hooks, const std::set<std::string>& groups);
   void remove_hook_groups(const HookHandle& hook, const std::set<std::string>& groups);
   void remove_hook_groups(const Pattern& pattern, const std::set<std::string>& groups);
+  // Forgets `group`: its hooks leave it and stay registered. Group "all", and
+  // a group that does not exist, are left alone.
+  void delete_hook_group(const std::string& group) noexcept;
   std::map<HookHandle, std::set<std::string>> get_hook_function_groups() const;
   std::vector<HookHandle> get_group_hook_functions(const std::string& group) const;
   std::set<std::string> hook_groups() const;

@@ -48,10 +48,15 @@ class SaveContext {
     values_[key] = std::move(value);
   }
 
+  // A number set as another arithmetic type (set("pos", 3) is an int) is
+  // converted, and kept from then on as T.
   template <class T>
   T& get(const std::string& key) {
     auto found = values_.find(key);
     FLEXMODEL_CHECK(found != values_.end(), ConfigError, "save_ctx has no value '", key, "'");
+    if constexpr (std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) {
+      if (std::any_cast<T>(&found->second) == nullptr) convert_number<T>(found->second);
+    }
     T* value = std::any_cast<T>(&found->second);
     FLEXMODEL_CHECK(value != nullptr, ConfigError, "save_ctx['", key, "'] holds ",
                     c10::demangle(found->second.type().name()), ", asked for ",
@@ -65,6 +70,16 @@ class SaveContext {
   std::size_t size() const { return values_.size(); }
 
  private:
+  template <class T, class... From>
+  static bool convert_from(std::any& value) {
+    return ((value.type() == typeid(From) ? (value = static_cast<T>(std::any_cast<From>(value)), true) : false) || ...);
+  }
+  template <class T>
+  static void convert_number(std::any& value) {
+    convert_from<T, int, long, long long, unsigned, unsigned long, unsigned long long, short, unsigned short,
+                 signed char, unsigned char, float, double>(value);
+  }
+
   std::unordered_map<std::string, std::any> values_;
 };
 

@@ -388,6 +388,13 @@ void FlexModelBase::update_hook_groups(const std::vector<HookHandle>& hooks, con
   state.selections_valid = false;
 }
 
+void FlexModelBase::delete_hook_group(const std::string& group) noexcept {
+  ModelState& state = *state_;
+  if (group == kAllGroup || state.groups.erase(group) == 0) return;
+  for (auto& [id, record] : state.hooks) record->groups.erase(group);
+  state.selections_valid = false;
+}
+
 void FlexModelBase::update_hook_groups(const HookHandle& hook, const std::string& group) {
   update_hook_groups(std::vector<HookHandle>{hook}, group);
 }

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <string_view>
 #include <utility>
 
 #include <mpi.h>
@@ -95,10 +96,17 @@ struct Envelope {
 };
 static_assert(sizeof(Envelope) == 256);
 
+std::uint64_t hash_of(const std::string& call) {
+  if (message_label.empty()) return detail::fnv1a(call);
+  constexpr std::string_view kFor = " for ";
+  const std::uint64_t head = detail::fnv1a(kFor.data(), kFor.size(), detail::fnv1a(call));
+  return detail::fnv1a(message_label.data(), message_label.size(), head);
+}
+
 Envelope envelope_of(const std::string& call) {
   const std::string text = message_label.empty() ? call : call + " for " + message_label;
   Envelope envelope;
-  envelope.hash = detail::fnv1a(text);
+  envelope.hash = hash_of(call);
   envelope.world_rank = detail::message_rank();
   std::memcpy(envelope.text, text.data(), std::min(text.size(), sizeof envelope.text - 1));
   return envelope;
@@ -229,9 +237,14 @@ class MpiCommunicator final : public Communicator {
     return detail::concat("message of ", describe(tensor), " from rank ", source, " to rank ", destination);
   }
 
-  // Every rank's envelope to every rank: all of them see a disagreement at
-  // once, before a byte of the message moves.
+  // Every rank learns whether all hashes are equal (min = max, one 16-byte
+  // reduction), so all of them see a disagreement at once, before a byte of
+  // the message moves; only then are the envelopes gathered, to name them.
   void agree(const std::string& call) {
+    const std::uint64_t hash = hash_of(call);
+    std::uint64_t bounds[2] = {hash, ~hash};
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, bounds, 2, MPI_UINT64_T, MPI_MIN, comm_), "MPI_Allreduce");
+    if (bounds[0] == ~bounds[1]) return;
     const Envelope mine = envelope_of(call);
     std::vector<Envelope> all(static_cast<std::size_t>(size_));
     check_mpi(MPI_Allgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, comm_), "MPI_Allgather");
@@ -243,9 +256,11 @@ class MpiCommunicator final : public Communicator {
   // Bytes of one call read as another's would be wrong or overrun a buffer;
   // whatever each rank goes on to do, the program is off the rails.
   [[noreturn]] void disagree(const Envelope& one, const Envelope& other) const {
+    const bool cut = std::strcmp(one.text, other.text) == 0;
     abort_world(detail::concat("flexmodel: ranks disagree on their next message in the ", name_, " group: rank ",
                                one.world_rank, " is at: ", one.text, "; rank ", other.world_rank, " is at: ",
-                               other.text, "; every rank must register the same hooks and run the same shapes"));
+                               other.text, cut ? " (they differ past what is shown)" : "",
+                               "; every rank must register the same hooks and run the same shapes"));
   }
 
   // A gather's result, in a buffer of an earlier result that nothing holds any

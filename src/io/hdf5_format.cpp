@@ -105,21 +105,49 @@ std::uint64_t file_size_limit() {
   return ::getrlimit(RLIMIT_FSIZE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY ? 0 : limit.rlim_cur;
 }
 
+namespace {
+
+// The rest of `from` from offset `at` on, through a buffer.
+bool copy_through_buffer(int from, int to, off_t at) {
+  std::vector<char> buffer(std::size_t{1} << 20);
+  for (;;) {
+    const ssize_t got = ::pread(from, buffer.data(), buffer.size(), at);
+    if (got == 0) return true;
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return false;
+    for (ssize_t put = 0; put < got;) {
+      const ssize_t wrote = ::pwrite(to, buffer.data() + put, static_cast<std::size_t>(got - put), at + put);
+      if (wrote < 0 && errno == EINTR) continue;
+      if (wrote <= 0) {
+        if (wrote == 0) errno = EIO;
+        return false;
+      }
+      put += wrote;
+    }
+    at += got;
+  }
+}
+
+}  // namespace
+
 bool copy_file_contents(int from, int to) {
-  struct stat status {};
-  if (::fstat(from, &status) != 0 || ::ftruncate(to, 0) != 0) return false;
+  struct stat source {}, target {};
+  if (::fstat(from, &source) != 0 || ::fstat(to, &target) != 0) return false;
+  if (source.st_dev == target.st_dev && source.st_ino == target.st_ino) {
+    errno = EINVAL;  // truncating the copy would empty the file copied
+    return false;
+  }
+  if (::ftruncate(to, 0) != 0) return false;
   if (::ioctl(to, FICLONE, from) == 0) return true;
   loff_t in = 0, out = 0;
-  while (in < status.st_size) {
-    const ssize_t copied = ::copy_file_range(from, &in, to, &out, static_cast<std::size_t>(status.st_size - in), 0);
-    if (copied > 0) continue;
-    if (copied == 0) break;
-    if (errno != ENOSYS && errno != EXDEV && errno != EINVAL && errno != EOPNOTSUPP) return false;
-    std::vector<char> buffer(std::size_t{1} << 20);
-    for (ssize_t got; (got = ::pread(from, buffer.data(), buffer.size(), in)) != 0; in += got) {
-      if (got < 0 || ::pwrite(to, buffer.data(), static_cast<std::size_t>(got), in) != got) return false;
+  while (in < source.st_size) {
+    const ssize_t copied = ::copy_file_range(from, &in, to, &out, static_cast<std::size_t>(source.st_size - in), 0);
+    if (copied > 0 || (copied < 0 && errno == EINTR)) continue;
+    // Some file systems copy nothing, or not across these two files: the buffer does.
+    if (copied == 0 || errno == ENOSYS || errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP) {
+      return copy_through_buffer(from, to, in);
     }
-    break;
+    return false;
   }
   return true;
 }

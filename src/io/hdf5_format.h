@@ -101,6 +101,17 @@ void skip_exit_handlers_from_now();
 // This process's file-size limit (ulimit -f) in bytes; 0 when none.
 std::uint64_t file_size_limit();
 
+// Closes a file descriptor when it goes.
+struct Descriptor {
+  explicit Descriptor(int descriptor) : fd(descriptor) {}
+  ~Descriptor() {
+    if (fd >= 0) ::close(fd);
+  }
+  Descriptor(const Descriptor&) = delete;
+  Descriptor& operator=(const Descriptor&) = delete;
+  int fd;
+};
+
 // Makes the open file `to` a copy of the open file `from`: a reflink where the
 // filesystem shares blocks (btrfs, XFS), else a copy in the kernel, else
 // through a buffer. False, with errno, when it fails.

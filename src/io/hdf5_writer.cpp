@@ -175,6 +175,7 @@ class HDF5Writer::Impl {
   void lock_partial();
   void create_file();
   void continue_copy();
+  void drop_partial() noexcept;
   // Opens `file` to append to it: `path_` itself, or a copy this writer holds the lock of.
   void open_file(const std::string& file, bool locked);
   // hdf5_locks: HDF5's own file lock; off where this writer holds its own.
@@ -365,12 +366,7 @@ void HDF5Writer::Impl::create_file() {
     FLEXMODEL_H5(H5Fget_vfd_handle(root, H5P_DEFAULT, &handle), "could not get the descriptor of '", file_path_, "'");
     file_descriptor_ = *static_cast<int*>(handle);
   } catch (...) {
-    activations_.reset();
-    rows_per_step_.reset();
-    file_.reset();
-    H5Eclear2(H5E_DEFAULT);
-    std::filesystem::remove(file_path_);  // a file that failed half-way is no file
-    ::close(std::exchange(partial_lock_, -1));
+    drop_partial();
     throw;
   }
 }
@@ -382,28 +378,34 @@ void HDF5Writer::Impl::continue_copy() {
                   "': it is not a regular file");
   lock_partial();
   try {
-    const int from = ::open(source.c_str(), O_RDONLY | O_CLOEXEC);
-    FLEXMODEL_CHECK(from >= 0, IOError, "could not open '", source, "' to continue it: ", std::strerror(errno));
-    const auto size = std::filesystem::file_size(source);
-    const bool fits = size_limit_ == 0 || size + 2 * flush_reserve() <= size_limit_;
-    const bool copied = fits && copy_file_contents(from, partial_lock_);
-    const int error = errno;
-    ::close(from);
-    FLEXMODEL_CHECK(fits, IOError, "could not copy '", source, "' to '", file_path_, "': File too large (",
-                    size, " bytes, about this process's file-size limit, ulimit -f, of ", size_limit_, " bytes)");
-    FLEXMODEL_CHECK(copied, IOError, "could not copy '", source, "' to '", file_path_, "' to continue it: ",
-                    std::strerror(error));
+    const Descriptor from(::open(source.c_str(), O_RDONLY | O_CLOEXEC));
+    FLEXMODEL_CHECK(from.fd >= 0, IOError, "could not open '", source, "' to continue it: ", std::strerror(errno));
+    struct stat status {};
+    FLEXMODEL_CHECK(::fstat(from.fd, &status) == 0, IOError, "could not read the size of '", source,
+                    "': ", std::strerror(errno));
+    const auto size = static_cast<std::uint64_t>(status.st_size);
+    FLEXMODEL_CHECK(size_limit_ == 0 || size + 2 * flush_reserve() <= size_limit_, IOError, "could not copy '",
+                    source, "' to '", file_path_, "': File too large (", size, " bytes, about this process's "
+                    "file-size limit, ulimit -f, of ", size_limit_, " bytes)");
+    FLEXMODEL_CHECK(copy_file_contents(from.fd, partial_lock_), IOError, "could not copy '", source, "' to '",
+                    file_path_, "' to continue it: ", std::strerror(errno));
     open_file(file_path_, /*locked=*/true);
   } catch (...) {
-    activations_.reset();
-    rows_per_step_.reset();
-    datasets_.clear();
-    file_.reset();
-    H5Eclear2(H5E_DEFAULT);
-    std::filesystem::remove(file_path_);
-    ::close(std::exchange(partial_lock_, -1));
+    drop_partial();
     throw;
   }
+}
+
+// A file that failed half-way is no file; its lock goes with it.
+void HDF5Writer::Impl::drop_partial() noexcept {
+  activations_.reset();
+  rows_per_step_.reset();
+  datasets_.clear();
+  file_.reset();
+  H5Eclear2(H5E_DEFAULT);
+  std::error_code ignored;
+  std::filesystem::remove(file_path_, ignored);
+  ::close(std::exchange(partial_lock_, -1));
 }
 
 void HDF5Writer::Impl::open_file(const std::string& file, bool locked) {
@@ -1055,11 +1057,18 @@ void HDF5Writer::Impl::emit(Dataset& dataset, hsize_t row, torch::Tensor slab, c
     } else {
       // The job gets bare bytes: a tensor released on a pool thread could free a
       // view's base there, out of this thread's sight (and ThreadSanitizer's).
+      // Held in in_flight_ before the job starts to read it.
       const auto* input = static_cast<const unsigned char*>(chunk.data_ptr());
       const std::size_t size = chunk.nbytes(), element = dataset.element;
       const int level = dataset.level;
-      auto bytes = pool_->submit([input, size, element, level] { return shuffle_deflate(input, size, element, level); });
-      in_flight_.push_back(InFlight{&dataset, offset, step_, std::move(bytes), std::move(chunk), budget});
+      InFlight& queued = in_flight_.emplace_back(InFlight{&dataset, offset, step_, {}, std::move(chunk), budget});
+      try {
+        queued.bytes =
+            pool_->submit([input, size, element, level] { return shuffle_deflate(input, size, element, level); });
+      } catch (...) {
+        in_flight_.pop_back();
+        throw;
+      }
       write_in_flight(4 * pool_->size());
     }
     std::size_t d = rank - 1;

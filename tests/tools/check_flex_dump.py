@@ -5,6 +5,7 @@
 import os
 import resource
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -257,6 +258,12 @@ def main(tool, fixtures, mpirun):
         with open(continued, "rb") as f:
             assert f.read() == before, "a failed --append changed the file"
         assert not [name for name in os.listdir(scratch) if name.startswith("continued.h5.")], os.listdir(scratch)
+        # The copy a killed --append left holds its steps: a later --append refuses to overwrite it.
+        shutil.copy(continued, continued + ".appending")
+        refused = run(tool, *common, "--out", continued, "--append")
+        assert refused.returncode != 0 and "continued.h5.appending' exists" in refused.stderr, refused.stderr
+        with open(continued, "rb") as f:
+            assert f.read() == before
     print(f"flex-dump: {checked} datasets equal PyTorch's hooks; meshes (1,1,2) (2,1,2) (1,3,1) equal one process; "
           "errors leave no file")
 

@@ -1,0 +1,102 @@
+// One run's activations of chosen hook points, kept apart from the output map
+// (which does not grow): TransformerLens's run_with_cache.
+//
+//   auto [logits, cache] = flexmodel::run_with_cache(fm, "layers.*.mlp", tokens);
+//   torch::Tensor mlp0 = cache.at("layers.0.mlp");
+//   torch::Tensor mlps = cache.stack("layers.*.mlp");  // [layers, batch, T, d]
+//   cache.save("run.h5");                              // flex-dump's file layout
+//
+// The run's hooks are only the cache's (the model's own stay registered and
+// do not run); they copy what they see, so later edits never change it. Under
+// a mesh of one pipeline stage the cache fills on rank 0, with whole tensors.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "flexmodel/flex_model.h"
+#include "flexmodel/io/hdf5_writer.h"
+#include "flexmodel/scoped_hooks.h"
+
+namespace flexmodel {
+
+struct CacheOptions {
+  // Which hooks fill the cache: forward (outputs) or forward_pre (inputs).
+  TORCH_ARG(HookType, hook_type) = HookType::forward;
+  // Cast as captured: bfloat16 or float16 halves float32's memory.
+  TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
+  // CUDA activations stay on their device (else the cache holds CPU copies).
+  TORCH_ARG(bool, keep_device) = false;
+};
+
+class ActivationCache {
+ public:
+  using Key = OutputMap::Key;
+
+  explicit ActivationCache(CacheOptions options = {}) : options_(std::move(options)) {}
+
+  // The tensor of one hook point; a ConfigError naming what the cache holds
+  // when it has none, or when the module ran more than once (see calls()).
+  const torch::Tensor& at(const std::string& module_name, HookType type = HookType::forward) const;
+  // Every call's tensor, in call order (a module used twice in a forward).
+  const std::vector<torch::Tensor>& calls(const std::string& module_name, HookType type = HookType::forward) const;
+  bool contains(const std::string& module_name, HookType type = HookType::forward) const;
+  // In the order the hook points first fired.
+  const std::vector<Key>& keys() const { return order_; }
+  std::size_t size() const { return order_.size(); }
+  // The tensors of the hook points `pattern` matches, in forward order,
+  // stacked along a new dim 0; a ShapeError naming two that differ in shape.
+  torch::Tensor stack(const Pattern& pattern, HookType type = HookType::forward) const;
+  // Writes the cache as one step of an HDF5 file, in flex-dump's layout.
+  void save(const std::string& path, io::HDF5WriterOptions options = {}) const;
+
+  // A copy of `tensor` (cast and moved as the options say) as the next call of the hook point.
+  void add(const std::string& module_name, HookType type, const torch::Tensor& tensor);
+  const CacheOptions& options() const { return options_; }
+
+ private:
+  const std::vector<torch::Tensor>& find(const std::string& module_name, HookType type) const;
+
+  CacheOptions options_;
+  std::vector<Key> order_;
+  std::map<Key, std::vector<torch::Tensor>> tensors_;
+};
+
+namespace detail {
+// A ConfigError unless `model` runs in one pipeline stage.
+void check_cacheable(const FlexModelBase& model);
+template <class... Args>
+inline constexpr bool first_is_cache_options = false;
+template <class First, class... Rest>
+inline constexpr bool first_is_cache_options<First, Rest...> = std::is_same_v<std::decay_t<First>, CacheOptions>;
+}  // namespace detail
+
+// Runs `model` once on `inputs` with hooks on the hook points `pattern`
+// selects and returns its output with their activations.
+template <class Model, class... Args>
+auto run_with_cache(Model& model, const Pattern& pattern, const CacheOptions& options, Args&&... inputs) {
+  detail::check_cacheable(model);
+  ActivationCache cache(options);
+  ScopedHooks scope(model);
+  scope.add(pattern,
+            HookFunction("").capture(false).editing_function(
+                [&cache](const torch::Tensor& x, HookContext& ctx) { cache.add(ctx.module_name, ctx.hook_type, x); }),
+            options.hook_type());
+  auto output = model.forward(scope.only(), std::forward<Args>(inputs)...);
+  return std::pair<decltype(output), ActivationCache>(std::move(output), std::move(cache));
+}
+
+template <class Model, class... Args>
+  requires(!detail::first_is_cache_options<Args...>)
+auto run_with_cache(Model& model, const Pattern& pattern, Args&&... inputs) {
+  return run_with_cache(model, pattern, CacheOptions{}, std::forward<Args>(inputs)...);
+}
+
+}  // namespace flexmodel

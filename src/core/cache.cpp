@@ -1,0 +1,74 @@
+#include "flexmodel/cache.h"
+
+#include "flexmodel/dist.h"
+
+namespace flexmodel {
+
+void detail::check_cacheable(const FlexModelBase& model) {
+  FLEXMODEL_CHECK(model.mesh() == nullptr || model.mesh()->shape().pp == 1, ConfigError,
+                  "run_with_cache: under pipeline parallelism (pp ", model.mesh() ? model.mesh()->shape().pp : 1,
+                  ") each stage sees only its own modules; capture with hooks and read outputs() on rank 0, "
+                  "or stream to an HDF5 sink");
+}
+
+void ActivationCache::add(const std::string& module_name, HookType type, const torch::Tensor& tensor) {
+  const torch::Tensor source = tensor.detach();
+  auto target = source.options().dtype(options_.dtype().value_or(source.scalar_type()));
+  if (!options_.keep_device()) target = target.device(torch::kCPU);
+  Key key(module_name, type);
+  auto [entry, fresh] = tensors_.try_emplace(key);
+  if (fresh) order_.push_back(key);
+  entry->second.push_back(source.to(target, /*non_blocking=*/false, /*copy=*/true));
+}
+
+const std::vector<torch::Tensor>& ActivationCache::find(const std::string& module_name, HookType type) const {
+  const auto found = tensors_.find(Key(module_name, type));
+  if (found != tensors_.end()) return found->second;
+  std::string held;
+  for (const auto& [name, kind] : order_) held += detail::concat(held.empty() ? "" : ", ", "'", name, "' (", to_string(kind), ")");
+  FLEXMODEL_FAIL(ConfigError, "the cache has nothing of '", module_name, "' (", to_string(type), "); it holds ",
+                 held.empty() ? std::string("nothing") : held);
+}
+
+const torch::Tensor& ActivationCache::at(const std::string& module_name, HookType type) const {
+  const auto& tensors = find(module_name, type);
+  FLEXMODEL_CHECK(tensors.size() == 1, ConfigError, "'", module_name, "' (", to_string(type), ") ran ",
+                  tensors.size(), " times in the cached run; calls(name) has each call's tensor");
+  return tensors.front();
+}
+
+const std::vector<torch::Tensor>& ActivationCache::calls(const std::string& module_name, HookType type) const {
+  return find(module_name, type);
+}
+
+bool ActivationCache::contains(const std::string& module_name, HookType type) const {
+  return tensors_.count(Key(module_name, type)) != 0;
+}
+
+torch::Tensor ActivationCache::stack(const Pattern& pattern, HookType type) const {
+  std::vector<torch::Tensor> picked;
+  std::string first;
+  for (const auto& [name, kind] : order_) {
+    if (kind != type || !pattern.matches(name)) continue;
+    const torch::Tensor& tensor = at(name, kind);
+    if (picked.empty()) first = name;
+    FLEXMODEL_CHECK(picked.empty() || tensor.sizes() == picked.front().sizes(), ShapeError, "cache.stack(",
+                    pattern.describe(), "): '", first, "' has shape ", picked.front().sizes(), " but '", name, "' ",
+                    tensor.sizes(), "; stack hook points of one shape");
+    picked.push_back(tensor);
+  }
+  FLEXMODEL_CHECK(!picked.empty(), ConfigError, "cache.stack: ", pattern.describe(), " matches no ",
+                  to_string(type), " hook point of the cache");
+  return torch::stack(picked);
+}
+
+void ActivationCache::save(const std::string& path, io::HDF5WriterOptions options) const {
+  io::HDF5Writer writer(path, std::move(options));
+  for (const auto& key : order_) {
+    for (const auto& tensor : tensors_.at(key)) writer.write(key.first, key.second, 0, tensor.cpu());
+  }
+  writer.end_step(0);
+  writer.close();
+}
+
+}  // namespace flexmodel
