@@ -453,6 +453,12 @@ TEST(SaveContext, NumbersConvertAndOtherMismatchesSayWhatTheyHold) {
   EXPECT_EQ(ctx.get<double>("pos"), 4.0);
   ctx.set("scale", 0.5f);
   EXPECT_EQ(ctx.get<double>("scale"), 0.5);
+  EXPECT_THROW(ctx.get<int>("scale"), ConfigError) << "0.5 read as an int";
+  ctx.set("negative", -1);
+  EXPECT_THROW(ctx.get<unsigned>("negative"), ConfigError) << "-1 read as an unsigned";
+  ctx.set("huge", 1e30);
+  EXPECT_THROW(ctx.get<std::int64_t>("huge"), ConfigError);
+  EXPECT_EQ(ctx.get<double>("huge"), 1e30) << "a refused conversion changed the value";
   ctx.set("name", std::string("mlp"));
   auto message = error_of([&] { ctx.get<int>("name"); });
   EXPECT_NE(message.find("save_ctx['name'] holds std::"), std::string::npos) << message;
@@ -488,6 +494,14 @@ TEST_F(HookTest, ScopedHooksLastTheirBlockEvenWhenTheForwardThrows) {
     ADD_FAILURE() << "the editing function did not throw";
   } catch (const HookError& error) {
     EXPECT_NE(std::string(error.what()).find("boom"), std::string::npos) << error.what();
+  }
+  EXPECT_EQ(fm.hooks().size(), 1u);
+  {
+    // A hook the program removed itself: the scope still removes the others.
+    ScopedHooks scope(fm);
+    const HookHandle first = scope.add(HookFunction("fc1"));
+    scope.add(HookFunction("act"));
+    fm.remove_hook(first);
   }
   EXPECT_EQ(fm.hooks().size(), 1u);
   fm.outputs().clear();
@@ -539,6 +553,15 @@ TEST_F(HookTest, RunWithCacheHoldsThatRunsTensorsInForwardOrder) {
   // forward_pre: the inputs.
   auto [unused, inputs] = run_with_cache(fm, "fc2", CacheOptions().hook_type(HookType::forward_pre), x);
   EXPECT_TRUE(torch::equal(inputs.at("fc2", HookType::forward_pre), ref.fc2_input));
+  // Gradient hooks would fire after the run, once the cache's hooks are gone.
+  EXPECT_THROW(run_with_cache(fm, "fc2", CacheOptions().hook_type(HookType::full_backward), x), ConfigError);
+  EXPECT_TRUE(fm.hooks().empty());
+  // A cast leaves integer tensors alone.
+  ActivationCache cast(CacheOptions().dtype(torch::kBFloat16));
+  cast.add("ids", HookType::forward, torch::tensor({257, 1025}));
+  cast.add("h", HookType::forward, ref.fc1);
+  EXPECT_TRUE(torch::equal(cast.at("ids"), torch::tensor({257, 1025})));
+  EXPECT_EQ(cast.at("h").scalar_type(), torch::kBFloat16);
 }
 
 

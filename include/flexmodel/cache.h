@@ -7,8 +7,8 @@
 //   cache.save("run.h5");                              // flex-dump's file layout
 //
 // The run's hooks are only the cache's (the model's own stay registered and
-// do not run); they copy what they see, so later edits never change it. Under
-// a mesh of one pipeline stage the cache fills on rank 0, with whole tensors.
+// do not run); they copy what they see, so later edits never change it. One
+// process only for now: under a mesh, capture with hooks and read outputs().
 #pragma once
 
 #include <cstddef>
@@ -30,7 +30,8 @@ namespace flexmodel {
 struct CacheOptions {
   // Which hooks fill the cache: forward (outputs) or forward_pre (inputs).
   TORCH_ARG(HookType, hook_type) = HookType::forward;
-  // Cast as captured: bfloat16 or float16 halves float32's memory.
+  // Floating-point tensors are cast as captured (bfloat16 or float16 halves
+  // float32's memory); integer and bool tensors keep their dtype.
   TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
   // CUDA activations stay on their device (else the cache holds CPU copies).
   TORCH_ARG(bool, keep_device) = false;
@@ -70,8 +71,9 @@ class ActivationCache {
 };
 
 namespace detail {
-// A ConfigError unless `model` runs in one pipeline stage.
-void check_cacheable(const FlexModelBase& model);
+// A ConfigError unless `model` runs in one process and `options` asks for
+// forward or forward_pre hooks (gradient hooks would fire after the run).
+void check_cacheable(const FlexModelBase& model, const CacheOptions& options);
 template <class... Args>
 inline constexpr bool first_is_cache_options = false;
 template <class First, class... Rest>
@@ -82,7 +84,7 @@ inline constexpr bool first_is_cache_options<First, Rest...> = std::is_same_v<st
 // selects and returns its output with their activations.
 template <class Model, class... Args>
 auto run_with_cache(Model& model, const Pattern& pattern, const CacheOptions& options, Args&&... inputs) {
-  detail::check_cacheable(model);
+  detail::check_cacheable(model, options);
   ActivationCache cache(options);
   ScopedHooks scope(model);
   scope.add(pattern,

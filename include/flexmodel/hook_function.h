@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -15,6 +16,7 @@
 #include <type_traits>
 #include <typeinfo>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <c10/util/Type.h>
@@ -49,7 +51,8 @@ class SaveContext {
   }
 
   // A number set as another arithmetic type (set("pos", 3) is an int) is
-  // converted, and kept from then on as T.
+  // converted when T holds it exactly, and kept from then on as T (so a
+  // reference got as the other type no longer refers to it).
   template <class T>
   T& get(const std::string& key) {
     auto found = values_.find(key);
@@ -70,9 +73,27 @@ class SaveContext {
   std::size_t size() const { return values_.size(); }
 
  private:
+  // `from` as a T when T holds it exactly (3 as a double; not 0.5 as an int, nor -1 as an unsigned).
+  template <class T, class From>
+  static bool exactly(From from, T& to) {
+    if constexpr (std::is_integral_v<T> && std::is_integral_v<From>) {
+      if (!std::in_range<T>(from)) return false;
+    } else if constexpr (std::is_integral_v<T>) {
+      // Checked before the cast, which is undefined out of range.
+      if (!(from >= static_cast<From>(std::numeric_limits<T>::lowest()) &&
+            from <= static_cast<From>(std::numeric_limits<T>::max()))) {
+        return false;
+      }
+    }
+    to = static_cast<T>(from);
+    return static_cast<From>(to) == from;
+  }
   template <class T, class... From>
   static bool convert_from(std::any& value) {
-    return ((value.type() == typeid(From) ? (value = static_cast<T>(std::any_cast<From>(value)), true) : false) || ...);
+    T converted{};
+    return ((value.type() == typeid(From) && exactly(std::any_cast<From>(value), converted) &&
+             (value = converted, true)) ||
+            ...);
   }
   template <class T>
   static void convert_number(std::any& value) {

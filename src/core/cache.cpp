@@ -4,16 +4,21 @@
 
 namespace flexmodel {
 
-void detail::check_cacheable(const FlexModelBase& model) {
-  FLEXMODEL_CHECK(model.mesh() == nullptr || model.mesh()->shape().pp == 1, ConfigError,
-                  "run_with_cache: under pipeline parallelism (pp ", model.mesh() ? model.mesh()->shape().pp : 1,
-                  ") each stage sees only its own modules; capture with hooks and read outputs() on rank 0, "
+void detail::check_cacheable(const FlexModelBase& model, const CacheOptions& options) {
+  // Under a mesh the cache's hooks would send every tensor through the mesh's
+  // collectives, which carry no gradient.
+  FLEXMODEL_CHECK(model.mesh() == nullptr || !model.mesh()->distributed(), ConfigError,
+                  "run_with_cache runs in one process; under a mesh capture with hooks and read outputs() on rank 0, "
                   "or stream to an HDF5 sink");
+  FLEXMODEL_CHECK(options.hook_type() == HookType::forward || options.hook_type() == HookType::forward_pre,
+                  ConfigError, "run_with_cache caches forward or forward_pre hooks, not ", to_string(options.hook_type()),
+                  ": gradients come after the run; register that hook and read outputs() after backward()");
 }
 
 void ActivationCache::add(const std::string& module_name, HookType type, const torch::Tensor& tensor) {
   const torch::Tensor source = tensor.detach();
-  auto target = source.options().dtype(options_.dtype().value_or(source.scalar_type()));
+  const bool cast = options_.dtype().has_value() && source.is_floating_point();
+  auto target = source.options().dtype(cast ? *options_.dtype() : source.scalar_type());
   if (!options_.keep_device()) target = target.device(torch::kCPU);
   Key key(module_name, type);
   auto [entry, fresh] = tensors_.try_emplace(key);

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <exception>
 
+#include "flexmodel/dist.h"
 #include "flexmodel/logging.h"
 
 namespace flexmodel {
@@ -13,10 +14,13 @@ ScopedHooks::ScopedHooks(FlexModelBase& model) : model_(model) {
 }
 
 ScopedHooks::~ScopedHooks() {
-  try {
-    for (const auto& handle : handles_) model_.remove_hook(handle);
-  } catch (const std::exception& error) {
-    logger()->warn("ScopedHooks: could not remove the hooks of '{}': {}", group_, error.what());
+  // Each on its own: one the program removed already must not keep the rest.
+  for (const auto& handle : handles_) {
+    try {
+      model_.remove_hook(handle);
+    } catch (const std::exception& error) {
+      logger()->debug("ScopedHooks: hook {} of '{}' was gone: {}", handle.id, group_, error.what());
+    }
   }
   model_.delete_hook_group(group_);
 }
@@ -29,6 +33,9 @@ HookHandle ScopedHooks::add(HookFunction hook, HookType type) {
 }
 
 std::vector<HookHandle> ScopedHooks::add(const Pattern& pattern, const HookFunction& hook, HookType type) {
+  // A stage selects among its own modules: the stages would register different hooks.
+  FLEXMODEL_CHECK(model_.mesh() == nullptr || model_.mesh()->shape().pp == 1, ConfigError, "ScopedHooks: ",
+                  pattern.describe(), " under pipeline parallelism: add each hook by name, or use create_hook_group");
   const auto names = model_.select_hook_points(pattern, type).names;
   FLEXMODEL_CHECK(!names.empty(), ConfigError, "ScopedHooks: ", pattern.describe(), " selects no hook point for ",
                   to_string(type), " hooks");
