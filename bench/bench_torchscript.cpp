@@ -112,6 +112,70 @@ void script_alternating_groups(benchmark::State& state) {
 }
 BENCHMARK(script_alternating_groups)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 
+// The three experiment benchmarks share one input: GPT-2 small's shape, 1 × 128 tokens.
+std::vector<torch::IValue> gpt2_small_tokens() {
+  torch::manual_seed(1);
+  return {torch::randint(0, 50257, {1, 128})};
+}
+
+// Capturing layer 2 of 12: forward() against run_to_last_hook(), which stops
+// after the capture; ms per forward.
+void script_stop_at_last_hook(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  flexmodel::ScriptFlexModel fm(loaded("gpt2_small_scripted.pt"));
+  fm.create_hook_group("dump", "layers.2");
+  const auto tokens = gpt2_small_tokens();
+  const flexmodel::Groups dump{"dump"};
+  auto whole = [&] { benchmark::DoNotOptimize(fm.forward(dump, tokens)); };
+  auto stopped = [&] {
+    if (!fm.run_to_last_hook(dump, tokens)) throw std::runtime_error("run_to_last_hook did not stop");
+  };
+  warm_up([&] { whole(), stopped(); });
+  measure_pairs(state, whole, stopped, [&] { fm.outputs().clear(); }).report(state, 1e3, "ms");
+}
+BENCHMARK(script_stop_at_last_hook)->Unit(benchmark::kMillisecond)->MinTime(5.0);
+
+// Every attention and MLP output whole against their last position only; ms
+// per forward, and the bytes each keeps per forward.
+void script_slice_capture(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  flexmodel::ScriptFlexModel fm(loaded("gpt2_small_scripted.pt"));
+  fm.create_hook_group("whole", "layers.*.attn");
+  fm.create_hook_group("whole", "layers.*.mlp");
+  const auto last = flexmodel::HookFunction("").slice(flexmodel::Slice().positions(flexmodel::Index::last()));
+  fm.create_hook_group("last", "layers.*.attn", last);
+  fm.create_hook_group("last", "layers.*.mlp", last);
+  const auto tokens = gpt2_small_tokens();
+  auto bytes_of = [&](const flexmodel::Groups& groups) {
+    fm.outputs().clear();
+    fm.forward(groups, tokens);
+    double bytes = 0;
+    for (const auto& key : fm.outputs().keys()) bytes += static_cast<double>(fm.outputs().at(key.first, key.second)[0].nbytes());
+    fm.outputs().clear();
+    return bytes;
+  };
+  state.counters["baseline_bytes"] = bytes_of(flexmodel::Groups{"whole"});
+  state.counters["variant_bytes"] = bytes_of(flexmodel::Groups{"last"});
+  auto whole = [&] { benchmark::DoNotOptimize(fm.forward(flexmodel::Groups{"whole"}, tokens)); };
+  auto sliced = [&] { benchmark::DoNotOptimize(fm.forward(flexmodel::Groups{"last"}, tokens)); };
+  warm_up([&] { whole(), sliced(); });
+  measure_pairs(state, whole, sliced, [&] { fm.outputs().clear(); }).report(state, 1e3, "ms");
+}
+BENCHMARK(script_slice_capture)->Unit(benchmark::kMillisecond)->MinTime(5.0);
+
+// The 12 MLP outputs captured into the output map against run_with_cache; ms per forward.
+void script_run_with_cache(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  flexmodel::ScriptFlexModel fm(loaded("gpt2_small_scripted.pt"));
+  hook_attention_and_mlp(fm);
+  const auto tokens = gpt2_small_tokens();
+  auto output_map = [&] { benchmark::DoNotOptimize(fm.forward(flexmodel::Groups{"mlp"}, tokens)); };
+  auto cached = [&] { benchmark::DoNotOptimize(flexmodel::run_with_cache(fm, "layers.*.mlp", tokens)); };
+  warm_up([&] { output_map(), cached(); });
+  measure_pairs(state, output_map, cached, [&] { fm.outputs().clear(); }).report(state, 1e3, "ms");
+}
+BENCHMARK(script_run_with_cache)->Unit(benchmark::kMillisecond)->MinTime(5.0);
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -593,6 +593,28 @@ TEST(ReadyMadeHooks, PatchingALayerFromACleanRunReproducesTheCleanLogits) {
   EXPECT_FALSE(torch::equal(fm.forward(Groups{"save"}, corrupted), clean_logits));
 }
 
+TEST(ReadyMadeHooks, SaveToInAGroupKeepsOneEntryPerModule) {
+  torch::manual_seed(0);
+  models::GPT gpt(models::GPTOptions().n_layers(2));
+  auto clean = torch::randint(0, 256, {2, 10});
+  torch::NoGradGuard no_grad;
+  FlexModel fm(gpt);
+  auto [clean_logits, cache] = run_with_cache(fm, "layers.*", clean);
+  fm.create_hook_group("save", "layers.*", {}, hooks::save_to("clean.{module}"));
+  fm.forward(Groups{"save"}, clean);
+  for (const char* name : {"layers.0", "layers.1"}) {
+    EXPECT_TRUE(torch::equal(fm.save_ctx().get<torch::Tensor>(std::string("clean.") + name), cache.at(name))) << name;
+  }
+  fm.create_hook_group("patch", "layers.*", {}, hooks::patch("clean.{module}"));
+  EXPECT_TRUE(torch::equal(fm.forward(Groups{"patch"}, torch::randint(0, 256, {2, 10})), clean_logits));
+  // One key for the whole group would keep only the last module's tensor.
+  fm.create_hook_group("clash", "layers.*", {}, hooks::save_to("clean"));
+  EXPECT_NE(error_of([&] { fm.forward(Groups{"clash"}, clean); })
+                .find("save_to('clean') on 'layers.1' would overwrite what 'layers.0' saved in this forward; put "
+                      "{module} in the key"),
+            std::string::npos);
+}
+
 TEST(ReadyMadeHooks, SteeringAndMeanAblationMatchTheirDefinitions) {
   torch::manual_seed(0);
   testing::Net net;

@@ -174,6 +174,23 @@ TEST(RealExports, AnEditOfADictValueIsPutBackUnderItsKey) {
   }
 }
 
+TEST(RealExports, FirstTensorIsADictsFirstValueOrATuplesFirstTensor) {
+  for (const std::string name : {"dict_scripted", "dict_traced"}) {
+    ScriptFlexModel fm(kReal + name + ".pt");
+    torch::NoGradGuard no_grad;
+    const auto output = fm.forward(inputs_of(facts_of(name)["inputs"]));
+    EXPECT_TRUE(first_tensor(output).is_same(output.toGenericDict().begin()->value().toTensor())) << name;
+  }
+  const auto t = torch::ones({2});
+  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
+  dict.insert("logits", t);
+  dict.insert("other", torch::zeros({1}));
+  const auto nested = c10::ivalue::Tuple::create({c10::IValue(c10::List<torch::Tensor>()), dict, torch::zeros({3})});
+  EXPECT_TRUE(first_tensor(nested).is_same(t));
+  EXPECT_NE(error_of([] { first_tensor(c10::IValue(3)); }).find("first_tensor: the output (Int) holds no tensor"),
+            std::string::npos);
+}
+
 TEST(RealExports, DefaultArgumentsAreFilledOnceHooked) {
   const auto reference = load_reference("defaults_scripted.reference.pt");
   const auto x = read_npy(kReal + "defaults_scripted.input0.npy");

@@ -1,12 +1,16 @@
 // flex-dump --model M.pt --input tokens.npy --hooks "layers.*.mlp,embed_tokens"
 //           [--pre-hooks PATTERNS] --out acts.h5 [--batch-size N]
 //           [--compression gzip:4] [--overwrite | --append] [--dp N] [--tp N --pp N]
+//           [--positions last|A:B|i,j] [--heads A:B|i,j [--num-heads N]] [--unpack-idx N] [--full-forward]
 // Runs a TorchScript model over the rows of an .npy input, batch by batch, and
 // streams the chosen hook points' activations to an HDF5 file. Under
 // `mpirun -np N ... --dp N` each rank runs its share of every batch and rank 0
 // writes the gathered activations. With --tp/--pp a model of the GPT layout is
 // rebuilt from its weights as a ParallelGPT and sharded over the mesh; its
 // layers declare their sharding, so every activation is written whole.
+// --positions and --heads keep a slice of every activation (flexmodel::Slice):
+// a last-token dump of a 128-token batch is 128 times smaller. A forward
+// stops once its last hook has fired, unless --full-forward.
 #include <unistd.h>
 
 #include <algorithm>
@@ -115,9 +119,12 @@ class Summary final : public flexmodel::Sink {
 
 struct Settings {
   std::string model_path, input_path, hooks, pre_hooks, out_path, compression = "none", command_line;
+  std::string positions = "all", heads = "all";
   std::int64_t batch_size = 8, tp = 1, pp = 1, dp = 1;
-  std::optional<std::int64_t> heads;
-  bool overwrite = false, append = false, dry_run = false, crash_safe = true;
+  std::size_t unpack_idx = 0;
+  std::optional<std::int64_t> num_heads;
+  flexmodel::Slice slice;  // from --positions and --heads
+  bool overwrite = false, append = false, dry_run = false, crash_safe = true, full_forward = false;
 };
 
 // What the patterns ask for: each hook point once per hook type, however many
@@ -154,16 +161,22 @@ Request select(const flexmodel::FlexModelBase& fm, const Settings& settings) {
   return request;
 }
 
-void register_request(flexmodel::FlexModelBase& fm, const Request& request) {
+// Every hook point's hook: --positions, --heads and --unpack-idx.
+flexmodel::HookFunction dump_hook(const Settings& settings, std::string name = "") {
+  return flexmodel::HookFunction(std::move(name)).slice(settings.slice).unpack_idx(settings.unpack_idx);
+}
+
+void register_request(flexmodel::FlexModelBase& fm, const Request& request, const Settings& settings) {
   for (const auto& point : request.points) {
-    fm.update_hook_groups(fm.register_hook_function(flexmodel::HookFunction(point.name), point.type), "dump");
+    fm.update_hook_groups(fm.register_hook_function(dump_hook(settings, point.name), point.type), "dump");
   }
 }
 
-void print_dry_run(const Request& request) {
+void print_dry_run(const Request& request, const flexmodel::Slice& slice) {
   for (const auto& point : request.points) {
-    std::printf("hook   %-40s %-12s (%s)\n", point.name.empty() ? "(root)" : point.name.c_str(),
-                std::string(flexmodel::to_string(point.type)).c_str(), point.patterns.front().c_str());
+    std::printf("hook   %-40s %-12s (%s)%s\n", point.name.empty() ? "(root)" : point.name.c_str(),
+                std::string(flexmodel::to_string(point.type)).c_str(), point.patterns.front().c_str(),
+                slice.empty() ? "" : (" " + slice.describe()).c_str());
   }
   for (const auto& [name, why] : request.skipped) {
     std::printf("skip   %-40s %s\n", name.empty() ? "(root)" : name.c_str(), why.c_str());
@@ -230,7 +243,7 @@ Request register_on_every_stage(flexmodel::FlexModelBase& fm, const Settings& se
   for (auto [patterns, type] : {std::pair{&settings.hooks, flexmodel::HookType::forward},
                                 std::pair{&settings.pre_hooks, flexmodel::HookType::forward_pre}}) {
     for (const auto& pattern : split_patterns(*patterns)) {
-      for (const auto& handle : fm.create_hook_group("dump", pattern, {}, {}, 0, type)) {
+      for (const auto& handle : fm.create_hook_group("dump", pattern, dump_hook(settings), type)) {
         auto [slot, added] = index.emplace(std::pair{handle.module_name, type}, request.points.size());
         if (added) {
           request.points.push_back({handle.module_name, type, {}});
@@ -270,6 +283,7 @@ void check_ranks_agree(flexmodel::dist::Communicator& world, const Settings& set
       {"--hooks", fnv1a(settings.hooks)},
       {"--pre-hooks", fnv1a(settings.pre_hooks)},
       {"--batch-size", static_cast<std::uint64_t>(settings.batch_size)},
+      {"--positions/--heads/--unpack-idx", fnv1a(flexmodel::detail::concat(settings.slice.describe(), ",", settings.unpack_idx))},
       {"--tp/--pp/--dp", fnv1a(flexmodel::detail::concat(settings.tp, ",", settings.pp, ",", settings.dp))},
       {"the input's shape and dtype (--input)", fnv1a(shape)},
       {"the input's values (--input)", fnv1a(bytes.data_ptr(), bytes.nbytes())}};
@@ -306,6 +320,32 @@ void check_token_ids(const torch::jit::Module& module, const torch::Tensor& inpu
   const torch::Tensor wrong = ids.masked_select((ids < 0).logical_or(ids >= rows));
   FLEXMODEL_FAIL(flexmodel::ShapeError, "'", path, "' row ", row, " holds token id ", wrong[0].item<std::int64_t>(),
                  ", outside the ", rows, " rows of the model's embedding '", largest, "'; nothing was written");
+}
+
+// The attention heads an export records: an n_heads or num_heads attribute of
+// any module (the first found), or --num-heads.
+std::optional<std::int64_t> recorded_heads(const torch::jit::Module& module, const Settings& settings) {
+  if (settings.num_heads) return settings.num_heads;
+  for (const auto& item : module.named_modules()) {
+    for (const char* attribute : {"n_heads", "num_heads"}) {
+      if (item.value.hasattr(attribute) && item.value.attr(attribute).isInt()) return item.value.attr(attribute).toInt();
+    }
+  }
+  return std::nullopt;
+}
+
+// --positions along dim 1 and --heads of the last dim, for every hook point.
+flexmodel::Slice dump_slice(const Settings& settings, const torch::jit::Module& module) {
+  flexmodel::Slice slice;
+  slice.positions(flexmodel::Index::parse(settings.positions));
+  const flexmodel::Index heads = flexmodel::Index::parse(settings.heads);
+  if (!heads.every()) {
+    const auto count = recorded_heads(module, settings);
+    FLEXMODEL_CHECK(count.has_value(), flexmodel::ConfigError, "--heads: '", settings.model_path,
+                    "' records no head count (an n_heads or num_heads attribute); give --num-heads");
+    slice.heads(heads, *count);
+  }
+  return slice;
 }
 
 // SIGINT, SIGTERM and SIGHUP stop the dump between two forwards: the steps
@@ -439,7 +479,19 @@ int run(int argc, char** argv) {
                  "tensor-parallel ranks; with --tp or --pp the model must have the GPT layout of "
                  "flexmodel::models::GPT, which is rebuilt from its weights as a flexmodel::parallel::ParallelGPT");
   app.add_option("--pp", settings.pp, "pipeline stages (see --tp)");
-  app.add_option("--heads", settings.heads, "attention heads, for --tp/--pp on an export that does not record them");
+  app.add_option("--positions", settings.positions,
+                 "the positions (dim 1) to dump: all (default), last, A:B or i,j,k (negatives count from the end)");
+  app.add_option("--heads", settings.heads,
+                 "the heads to dump, of the last dim viewed as [heads, d_head]: all (default), A:B or i,j,k");
+  app.add_option("--unpack-idx", settings.unpack_idx,
+                 "which tensor of a tuple, list or dict output (or input) to dump, depth first (default 0: the "
+                 "first; flex-inspect --input shows each hook point's tensors)");
+  app.add_option("--num-heads", settings.num_heads,
+                 "attention heads of the model, for --heads and for --tp/--pp, where the export does not record them "
+                 "(an n_heads or num_heads attribute)");
+  app.add_flag("--full-forward", settings.full_forward,
+               "run every forward to the model's end; by default a forward stops once its last hook has fired "
+               "(the first runs whole to learn where that is)");
   app.add_flag("--dry-run", settings.dry_run,
                "print the hook points the patterns select and the modules they skip, then exit");
   try {
@@ -493,6 +545,7 @@ int run(int argc, char** argv) {
   torch::NoGradGuard no_grad;
   const auto options = flexmodel::FlexModelOptions().tp(settings.tp).pp(settings.pp).dp(dp).outputs(false);
   auto module = flexmodel::load_torchscript(settings.model_path);
+  settings.slice = dump_slice(settings, module);
   const torch::Tensor input = flexmodel::read_npy(settings.input_path);
   FLEXMODEL_CHECK(input.dim() >= 1 && input.size(0) > 0, flexmodel::ShapeError, "'", settings.input_path,
                   "' holds no rows (shape ", input.sizes(), ")");
@@ -503,7 +556,7 @@ int run(int argc, char** argv) {
 
   if (settings.dry_run) {
     // The file's module names are the sharded model's too.
-    if (flexmodel::dist::world_rank() == 0) print_dry_run(select(flexmodel::ScriptFlexModel(module), settings));
+    if (flexmodel::dist::world_rank() == 0) print_dry_run(select(flexmodel::ScriptFlexModel(module), settings), settings.slice);
     return 0;
   }
   // One mesh, one set of communicators, for the layers and the hooks.
@@ -512,20 +565,27 @@ int run(int argc, char** argv) {
   if (settings.tp == 1 && settings.pp == 1) {
     flexmodel::ScriptFlexModel fm(module, mesh != nullptr ? flexmodel::FlexModelOptions(options).mesh(mesh) : options);
     const Request request = select(fm, settings);
-    register_request(fm, request);
-    auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, {batch}); };
+    register_request(fm, request, settings);
+    auto forward = [&](const torch::Tensor& batch) {
+      if (settings.full_forward) {
+        fm.forward(flexmodel::Groups{"dump"}, {batch});
+      } else {
+        fm.run_to_last_hook(flexmodel::Groups{"dump"}, {batch});
+      }
+    };
     // One small forward first: a model that rejects the input, or a hook that
     // cannot fire, fails before any file exists.
     forward(input.narrow(0, 0, settings.dp));
     check_fired(fm, request);
     return dump(fm, forward, settings, input, mesh != nullptr ? &mesh->world() : nullptr);
   }
-  const auto full = flexmodel::models::gpt_from_torchscript(module, "'" + settings.model_path + "'", settings.heads);
+  const auto full = flexmodel::models::gpt_from_torchscript(module, "'" + settings.model_path + "'", settings.num_heads);
   flexmodel::parallel::ParallelGPT sharded(*full, mesh);
   flexmodel::FlexModel fm(sharded, flexmodel::FlexModelOptions(options).mesh(mesh));
   // The layers declare how their activations are split, so hooks gather them
   // without an expected shape.
   const Request request = register_on_every_stage(fm, settings);
+  // Pipeline stages wait for each other: they run every forward to its end.
   auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, batch); };
   forward(input.narrow(0, 0, dp));
   check_fired(fm, request, &mesh->world());

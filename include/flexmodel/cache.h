@@ -5,6 +5,7 @@
 //   torch::Tensor mlp0 = cache.at("layers.0.mlp");
 //   torch::Tensor mlps = cache.stack("layers.*.mlp");  // [layers, batch, T, d]
 //   cache.save("run.h5");                              // flex-dump's file layout
+//   auto last = flexmodel::CacheOptions().slice(flexmodel::Slice().positions(flexmodel::Index::last()));
 //
 // The run's hooks are only the cache's (the model's own stay registered and
 // do not run); they copy what they see, so later edits never change it. One
@@ -35,6 +36,8 @@ struct CacheOptions {
   TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
   // CUDA activations stay on their device (else the cache holds CPU copies).
   TORCH_ARG(bool, keep_device) = false;
+  // Only this part of each tensor is cached (the last position, say).
+  TORCH_ARG(Slice, slice) = Slice();
 };
 
 class ActivationCache {
@@ -88,7 +91,7 @@ auto run_with_cache(Model& model, const Pattern& pattern, const CacheOptions& op
   ActivationCache cache(options);
   ScopedHooks scope(model);
   scope.add(pattern,
-            HookFunction("").capture(false).editing_function(
+            HookFunction("").capture(false).slice(options.slice()).editing_function(
                 [&cache](const torch::Tensor& x, HookContext& ctx) { cache.add(ctx.module_name, ctx.hook_type, x); }),
             options.hook_type());
   auto output = model.forward(scope.only(), std::forward<Args>(inputs)...);

@@ -111,6 +111,13 @@ class ModelAdapter;
 // The adapter of native torch::nn::Module trees.
 std::shared_ptr<ModelAdapter> make_native_adapter(std::shared_ptr<torch::nn::Module> root);
 
+// Thrown after the last hook of a forward run to its last hook, and caught by
+// run_to_last_hook once the forward's captures are committed.
+class ForwardStopped final : public Error {
+ public:
+  ForwardStopped() : Error("flexmodel: the forward stopped after its last hook (run_to_last_hook)") {}
+};
+
 template <class... Args>
 inline constexpr bool first_is_groups = false;
 template <class First, class... Rest>
@@ -161,6 +168,9 @@ class FlexModelBase {
     return create_hook_group(group, pattern, std::move(expected_shape),
                              detail::to_editing_function(std::forward<F>(editing_function)), unpack_idx, type);
   }
+  // `hook` (its module name aside: slice, capture, shape, edit) on every hook point `pattern` selects.
+  std::vector<HookHandle> create_hook_group(const std::string& group, const Pattern& pattern, const HookFunction& hook,
+                                            HookType type = HookType::forward);
   void update_hook_groups(const std::vector<HookHandle>& hooks, const std::string& group);
   void update_hook_groups(const HookHandle& hook, const std::string& group);
   void update_hook_groups(const Pattern& pattern, const std::string& group);
@@ -264,6 +274,18 @@ class FlexModelBase {
     bool committed_ = false;
   };
 
+  // While it lives, this model's forwards stop after their last hook (see run_to_last_hook).
+  class StopAtLastHook {
+   public:
+    explicit StopAtLastHook(FlexModelBase& model);
+    StopAtLastHook(const StopAtLastHook&) = delete;
+    StopAtLastHook& operator=(const StopAtLastHook&) = delete;
+    ~StopAtLastHook();
+
+   private:
+    detail::ModelState& state_;
+  };
+
   // Throws the ShapeError for a LibTorch error that left the model's forward:
   // one line naming the model, the innermost hookable module it left, and the cause.
   [[noreturn]] void fail_rejected_input(const std::exception& error) const;
@@ -330,6 +352,9 @@ class FlexModel : public FlexModelBase {
       scope.gather_batch(output_leaves);
       scope.commit();
       return output;
+    } catch (const detail::ForwardStopped&) {
+      scope.commit();
+      throw;
     } catch (const c10::Error& error) {
       scope.failed(std::current_exception());
       fail_rejected_input(error);
@@ -337,6 +362,26 @@ class FlexModel : public FlexModelBase {
       scope.failed(std::current_exception());
       throw;
     }
+  }
+
+  // Runs the forward only as far as the hooks of `groups` need it: once the
+  // last of them has fired, the rest of the model does not run (TransformerLens's
+  // stop_at_layer, nnsight's tracer.stop()), and there is no output. Captures,
+  // sinks and edits before that point are those of forward(). The first call
+  // for a set of groups (and any after the hooks change) runs the whole forward
+  // to learn where its last hook fires, as does a set with a hook that has not
+  // fired yet. Returns whether this forward stopped early. For a model whose
+  // calls depend on its input's values (not its shapes), use forward(). Under
+  // pp every stage runs to its end; gradient hooks are a ConfigError.
+  template <class... Args>
+  bool run_to_last_hook(const Groups& groups, Args&&... inputs) {
+    StopAtLastHook stop(*this);
+    try {
+      forward(groups, std::forward<Args>(inputs)...);
+    } catch (const detail::ForwardStopped&) {
+      return true;
+    }
+    return false;
   }
 
   const std::shared_ptr<ModuleImpl>& module() const { return model_; }

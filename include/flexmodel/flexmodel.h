@@ -18,5 +18,6 @@
 #include "flexmodel/pattern.h"
 #include "flexmodel/scoped_hooks.h"
 #include "flexmodel/sink.h"
+#include "flexmodel/slice.h"
 #include "flexmodel/torchscript.h"
 #include "flexmodel/version.h"

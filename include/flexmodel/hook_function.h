@@ -24,6 +24,7 @@
 #include <torch/types.h>
 
 #include "flexmodel/error.h"
+#include "flexmodel/slice.h"
 
 namespace flexmodel {
 
@@ -201,6 +202,13 @@ class HookFunction {
     unpack_idx_ = index;
     return *this;
   }
+  // The part of the tensor the hook acts on (positions, heads, rows): the
+  // capture keeps it, the editing function sees and returns it, and
+  // expected_shape describes it. Default: the whole tensor.
+  HookFunction& slice(Slice part) {
+    slice_ = std::move(part);
+    return *this;
+  }
   // Whether the activation (before the edit) is copied to the outputs. Default true.
   HookFunction& capture(bool enabled) {
     capture_ = enabled;
@@ -219,12 +227,14 @@ class HookFunction {
   const EditingFunction& editing_function() const { return editing_function_; }
   std::size_t unpack_idx() const { return unpack_idx_; }
   bool capture() const { return capture_; }
+  const Slice& slice() const { return slice_; }
 
  private:
   std::string module_name_;
   ExpectedShape expected_shape_;
   EditingFunction editing_function_;
   std::size_t unpack_idx_ = 0;
+  Slice slice_;
   bool capture_ = true;
 };
 

@@ -31,6 +31,13 @@ class ScriptAdapter;
 // it is missing or not TorchScript.
 torch::jit::Module load_torchscript(const std::string& path);
 
+// The first tensor of a forward's output, depth first: the output itself, a
+// tuple's or list's first tensor, a dict's first value (Hugging Face's
+// `logits`, a named tuple's first field); a ShapeError saying what the output
+// is when it holds none.
+//   torch::Tensor logits = flexmodel::first_tensor(fm.forward({tokens}));
+torch::Tensor first_tensor(const torch::IValue& output);
+
 template <>
 class FlexModel<torch::jit::Module> : public FlexModelBase {
  public:
@@ -41,6 +48,9 @@ class FlexModel<torch::jit::Module> : public FlexModelBase {
   torch::IValue forward(std::vector<torch::IValue> inputs);
   // Runs the model's forward with the hooks of the chosen groups.
   torch::IValue forward(const Groups& groups, std::vector<torch::IValue> inputs);
+  // The forward only as far as the hooks of `groups` need it; see
+  // FlexModel::run_to_last_hook. Returns whether it stopped early.
+  bool run_to_last_hook(const Groups& groups, std::vector<torch::IValue> inputs);
 
   const torch::jit::Module& module() const { return module_; }
 

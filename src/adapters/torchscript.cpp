@@ -493,6 +493,13 @@ class ScriptAdapter final : public ModelAdapter {
 
 }  // namespace detail
 
+torch::Tensor first_tensor(const torch::IValue& output) {
+  std::vector<torch::Tensor> tensors;
+  detail::collect_ivalue_tensors(output, tensors);
+  FLEXMODEL_CHECK(!tensors.empty(), ShapeError, "first_tensor: the output (", output.tagKind(), ") holds no tensor");
+  return tensors.front();
+}
+
 torch::jit::Module load_torchscript(const std::string& path) {
   std::error_code error;
   FLEXMODEL_CHECK(std::filesystem::is_regular_file(path, error), IOError, "TorchScript file '", path,
@@ -589,10 +596,23 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
     }
     scope.commit();
     return output;
+  } catch (const detail::ForwardStopped&) {
+    scope.commit();
+    throw;
   } catch (...) {
     scope.failed(std::current_exception());
     throw;
   }
+}
+
+bool FlexModel<torch::jit::Module>::run_to_last_hook(const Groups& groups, std::vector<torch::IValue> inputs) {
+  StopAtLastHook stop(*this);
+  try {
+    forward(groups, std::move(inputs));
+  } catch (const detail::ForwardStopped&) {
+    return true;
+  }
+  return false;
 }
 
 torch::IValue FlexModel<torch::jit::Module>::run_graph(std::vector<torch::IValue> inputs) {

@@ -29,7 +29,7 @@ namespace {
 ActiveHook active_hook(ModelState& state, HookRecord& record) {
   const HookFunction& function = record.function;
   const bool plain_capture = function.capture() && !function.editing_function() &&
-                             function.expected_shape().empty() && !state.distributed();
+                             function.expected_shape().empty() && function.slice().empty() && !state.distributed();
   return ActiveHook{&record, plain_capture ? &detail::series_of(state, record) : nullptr, function.unpack_idx()};
 }
 
@@ -40,8 +40,9 @@ ModelState::Selection compute_selection(ModelState& state, const Groups& groups)
                                     [&](const std::string& name) { return record->groups.count(name) != 0; });
     selection.hook_active.push_back(chosen != groups.complemented);
     // The same on every rank: every rank registers every hook, remote ones too.
-    if (chosen != groups.complemented && record->captures_gradients() && record->function.capture()) {
-      selection.captures_gradients = true;
+    if (chosen != groups.complemented && record->captures_gradients()) {
+      selection.needs_backward = true;
+      if (record->function.capture()) selection.captures_gradients = true;
     }
   }
   std::vector<ActiveSite> active_sites;
@@ -161,7 +162,23 @@ void send_captures_to_rank0(ModelState& state) {
   }
 }
 
+// A complete forward tells where its last hook fired, for the forwards run to
+// their last hook after it. A hook that never fired might fire later in a
+// forward that stopped before it: then none stops.
+void learn_last_hook_firing(ModelState& state) {
+  const ModelState::Selection& selection = *state.applied;
+  const bool every_hook_fired = std::all_of(selection.hooks.begin(), selection.hooks.end(),
+                                            [](const ActiveHook& hook) { return hook.record->fired; });
+  selection.last_hook_firing = every_hook_fired ? state.value_firings : 0;
+}
+
 }  // namespace
+
+FlexModelBase::StopAtLastHook::StopAtLastHook(FlexModelBase& model) : state_(*model.state_) {
+  state_.stop_requested = true;
+}
+
+FlexModelBase::StopAtLastHook::~StopAtLastHook() { state_.stop_requested = false; }
 
 void FlexModelBase::fail_rejected_input(const std::exception& error) const {
   const std::string module =
@@ -188,6 +205,16 @@ FlexModelBase::ForwardScope::ForwardScope(FlexModelBase& model, const Groups& gr
     model.end_backward();
   }
   apply_selection(state_, groups);
+  state_.value_firings = 0;
+  state_.stopped = false;
+  state_.stop_at = 0;
+  if (state_.stop_requested) {
+    FLEXMODEL_CHECK(!state_.applied->needs_backward, ConfigError,
+                    "run_to_last_hook: a hook of the groups run is a gradient hook, which needs the whole forward "
+                    "and a backward; call forward()");
+    // Pipeline stages wait for each other's activations: every stage runs to its end.
+    if (!state_.staged()) state_.stop_at = state_.applied->last_hook_firing;
+  }
   ++state_.forward_serial;
   detail::g_failing_module = nullptr;
   state_.in_forward = true;
@@ -238,6 +265,7 @@ void FlexModelBase::ForwardScope::commit() {
     state_.pending.clear();
   }
   if (state_.check_unfired) warn_unfired(state_);
+  if (!state_.stopped) learn_last_hook_firing(state_);
   ++state_.step;
   committed_ = true;
 }

@@ -121,12 +121,13 @@ class NoHooksWhileEditing {
 };
 
 // A library error raised inside an editing function (save_ctx has no value,
-// say), as the same error type with the hook's name in front.
-[[noreturn]] void rethrow_naming_hook(const HookRecord& record, const Error& error) {
+// say) or by a hook's slice, as the same error type with `lead`, which names
+// the hook, in front.
+[[noreturn]] void rethrow_after(const std::string& lead, const Error& error) {
   constexpr std::string_view kPrefix = "flexmodel: ";
   std::string_view body = error.what();
   if (body.substr(0, kPrefix.size()) == kPrefix) body.remove_prefix(kPrefix.size());
-  const std::string text = concat(kPrefix, "in the editing function of ", hook_label(record), ": ", body);
+  const std::string text = concat(kPrefix, lead, ": ", body);
   if (dynamic_cast<const ConfigError*>(&error) != nullptr) throw ConfigError(text);
   if (dynamic_cast<const ShapeError*>(&error) != nullptr) throw ShapeError(text);
   if (dynamic_cast<const HookError*>(&error) != nullptr) throw HookError(text);
@@ -146,13 +147,22 @@ torch::Tensor run_editing_function(ModelState& state, HookRecord& record, const 
     try {
       edited = record.function.editing_function()(tensor, context);
     } catch (const Error& error) {
-      rethrow_naming_hook(record, error);
+      rethrow_after(concat("in the editing function of ", hook_label(record)), error);
     } catch (const std::exception& cause) {
       FLEXMODEL_FAIL(HookError, "editing function of ", hook_label(record), " threw: ", cause.what());
     }
   }
   check_edit(record, tensor, edited);
   return edited;
+}
+
+// The slice a hook acts on; a ShapeError naming the hook when the tensor has no such slice.
+torch::Tensor slice_of(const HookRecord& record, const torch::Tensor& whole) {
+  try {
+    return record.function.slice().take(whole);
+  } catch (const Error& error) {
+    rethrow_after(concat(hook_label(record), ", slicing a tensor of shape ", whole.sizes()), error);
+  }
 }
 
 // Forward captures wait in the forward's pending list until it succeeds.
@@ -259,16 +269,22 @@ torch::Tensor scatter_from_leader(const dist::Mesh& mesh, const Route& route, co
 void run_pipeline(ModelState& state, HookRecord& record, torch::Tensor& tensor, const Firing& firing) {
   record.fired = true;
   const bool editing = static_cast<bool>(record.function.editing_function());
+  const Slice& slice = record.function.slice();
   auto at_leader = [&](const torch::Tensor& whole) {
-    check_expected_shape(record, whole);
+    const torch::Tensor part = slice.empty() ? whole : slice_of(record, whole);
+    check_expected_shape(record, part);
     if (record.function.capture()) {
       if (firing.in_forward) {
-        capture_in_forward(state, series_of(state, record), whole);
+        capture_in_forward(state, series_of(state, record), part);
       } else {
-        capture_gradient(state, record, whole, firing.step);
+        capture_gradient(state, record, part, firing.step);
       }
     }
-    return editing ? run_editing_function(state, record, whole, firing.step) : torch::Tensor();
+    if (!editing) return torch::Tensor();
+    torch::Tensor edited = run_editing_function(state, record, part, firing.step);
+    if (slice.empty()) return edited;
+    // An observer returns its input: the tensor stays the model's own.
+    return edited.is_same(part) ? whole : slice.put(whole, edited);
   };
   if (!state.distributed()) {
     torch::Tensor edited = at_leader(tensor);
@@ -420,6 +436,11 @@ void run_hooks(ModelState& state, const ActiveSite& site, Phase values, TensorLe
         run_pipeline(state, *hook.record, leaf, Firing{index, state.step, /*in_forward=*/true});
       });
     }
+  }
+  if (site.bounds[values] != site.bounds[values + 1] && ++state.value_firings == state.stop_at) {
+    // The last firing of a forward run to its last hook (which has no gradient hooks).
+    state.stopped = true;
+    throw ForwardStopped();
   }
   for (std::uint32_t i = site.bounds[values + 1]; i < site.bounds[values + 2]; ++i) {
     const ActiveHook& hook = hooks[i];

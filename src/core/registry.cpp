@@ -318,6 +318,12 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
                                                          ExpectedShape expected_shape,
                                                          EditingFunction editing_function, std::size_t unpack_idx,
                                                          HookType type) {
+  return create_hook_group(group, pattern,
+                           HookFunction("", std::move(expected_shape), std::move(editing_function), unpack_idx), type);
+}
+
+std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& group, const Pattern& pattern,
+                                                         const HookFunction& hook, HookType type) {
   FLEXMODEL_CHECK(group != kAllGroup, ConfigError, "create_hook_group: group 'all' is reserved (every hook is in it)");
   const bool staged = state_->distributed() && state_->mesh->shape().pp > 1;
   HookPointSelection selection;
@@ -371,8 +377,7 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
                                        ": containers or modules the forward never calls)"));
   std::vector<HookHandle> created;
   for (const auto& name : matches) {
-    created.push_back(
-        register_hook_function(HookFunction(name, expected_shape, editing_function, unpack_idx), type));
+    created.push_back(register_hook_function(hook.with_module_name(name), type));
   }
   update_hook_groups(created, group);
   return created;

@@ -88,7 +88,7 @@ constexpr std::array<HookType, kModuleHookTypes> kPhaseType{HookType::forward_pr
 // One active hook as a hooked call reads it.
 struct ActiveHook {
   HookRecord* record = nullptr;
-  // Set only for a plain capture (capture only: no expected shape, no edit, one
+  // Set only for a plain capture (capture only: no expected shape, slice or edit, one
   // process), which runs from this entry alone.
   OutputMap::Series* plain_capture_series = nullptr;
   std::size_t unpack_idx = 0;
@@ -145,6 +145,11 @@ struct ModelState {
     std::vector<ActiveHook> hooks;
     bool checked_unfired = false;
     bool captures_gradients = false;  // an active hook captures in backward
+    bool needs_backward = false;      // an active hook runs in backward
+    // Value firings (a site's hooks of one phase) of the last complete
+    // forward, when every active hook had fired by its end; 0 when unknown.
+    // A forward run to its last hook stops at this firing.
+    mutable std::uint64_t last_hook_firing = 0;
   };
   std::map<std::pair<std::vector<std::string>, bool>, Selection> selections;
   std::vector<HookRecord*> records;
@@ -163,6 +168,12 @@ struct ModelState {
   bool check_unfired = false;
 
   bool in_forward = false;
+  // run_to_last_hook: set for its forward, which stops (stopped) after value
+  // firing stop_at (0: runs to the end); value_firings counts this forward's.
+  bool stop_requested = false;
+  bool stopped = false;
+  std::uint64_t stop_at = 0;
+  std::uint64_t value_firings = 0;
   // Data parallelism: the calibration forward (one more row than the real
   // one) runs with hooks that only note the shapes they see.
   bool calibrating = false;

@@ -3,7 +3,10 @@
 // EditingFunction for HookFunction::editing_function or create_hook_group.
 #pragma once
 
+#include <cstdint>
+#include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include <torch/nn/modules/linear.h>
@@ -38,19 +41,47 @@ inline EditingFunction add_vector(torch::Tensor direction, double coefficient = 
   };
 }
 
+namespace detail {
+// `key` with every "{module}" replaced by the hook's module name.
+inline std::string key_for(const std::string& key, const HookContext& ctx) {
+  static constexpr std::string_view kModule = "{module}";
+  std::string out;
+  for (std::size_t start = 0;;) {
+    const std::size_t found = key.find(kModule, start);
+    out.append(key, start, found == std::string::npos ? std::string::npos : found - start);
+    if (found == std::string::npos) return out;
+    out += ctx.module_name;
+    start = found + kModule.size();
+  }
+}
+}  // namespace detail
+
 // Stores the activation in save_ctx under `key` (the source run of a patch).
+// "{module}" in the key stands for the hook's module, so one save_to serves a
+// group: save_to("clean.{module}") keeps "clean.layers.0", "clean.layers.1"...
+// A key without it that a second module of the same group would write in the
+// same forward is a HookError, not an overwrite.
 inline EditingFunction save_to(std::string key) {
-  return [key = std::move(key)](const torch::Tensor& x, HookContext& ctx) {
-    ctx.save_ctx.set(key, x.detach().clone());
+  // Shared by the copies create_hook_group makes: (module, forward) of the last write.
+  auto last = std::make_shared<std::pair<std::string, std::int64_t>>("", -1);
+  return [key = std::move(key), last](const torch::Tensor& x, HookContext& ctx) {
+    const std::string name = detail::key_for(key, ctx);
+    FLEXMODEL_CHECK(name != key || last->second != ctx.step || last->first == ctx.module_name, HookError, "save_to('",
+                    key, "') on '", ctx.module_name, "' would overwrite what '", last->first,
+                    "' saved in this forward; put {module} in the key for one entry per module");
+    *last = {ctx.module_name, ctx.step};
+    ctx.save_ctx.set(name, x.detach().clone());
     return x;
   };
 }
 
-// Replaces the activation with the tensor stored under `key` (activation patching).
+// Replaces the activation with the tensor stored under `key` (activation
+// patching); "{module}" as in save_to.
 inline EditingFunction patch(std::string key) {
   return [key = std::move(key)](const torch::Tensor& x, HookContext& ctx) {
-    const torch::Tensor& source = ctx.save_ctx.get<torch::Tensor>(key);
-    FLEXMODEL_CHECK(source.sizes() == x.sizes(), ShapeError, "patch on '", ctx.module_name, "': save_ctx['", key,
+    const std::string name = detail::key_for(key, ctx);
+    const torch::Tensor& source = ctx.save_ctx.get<torch::Tensor>(name);
+    FLEXMODEL_CHECK(source.sizes() == x.sizes(), ShapeError, "patch on '", ctx.module_name, "': save_ctx['", name,
                     "'] has shape ", source.sizes(), ", the activation ", x.sizes());
     return source.to(x.device(), x.scalar_type());
   };
