@@ -37,6 +37,7 @@
 #include "flexmodel/logging.h"
 #include "flexmodel/output_map.h"
 #include "flexmodel/version.h"
+#include "test_files.h"
 
 // tests/hdf5/kill_on_write.c
 extern "C" void flexmodel_kill_at_write(long writes);
@@ -45,31 +46,10 @@ namespace flexmodel::io {
 namespace {
 
 namespace fs = std::filesystem;
+using flexmodel::testing::run_python;
+using flexmodel::testing::TempDir;
 
 std::string script(const char* name) { return std::string(FLEXMODEL_HDF5_SCRIPTS) + "/" + name; }
-
-int run_python(const std::string& arguments) {
-  const std::string command = std::string(FLEXMODEL_SYSTEM_PYTHON) + " " + arguments;
-  const int status = std::system(command.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "flexmodel_hdf5_XXXXXX").string();
-    path_ = ::mkdtemp(pattern.data());
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 std::string json_string(const std::string& text) {
   std::string out = "\"";

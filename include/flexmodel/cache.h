@@ -77,6 +77,8 @@ namespace detail {
 // A ConfigError unless `model` runs in one process and `options` asks for
 // forward or forward_pre hooks (gradient hooks would fire after the run).
 void check_cacheable(const FlexModelBase& model, const CacheOptions& options);
+// Hooks of `scope` that fill `cache` at every hook point `pattern` selects.
+void add_cache_hooks(ScopedHooks& scope, const Pattern& pattern, ActivationCache& cache);
 template <class... Args>
 inline constexpr bool first_is_cache_options = false;
 template <class First, class... Rest>
@@ -90,10 +92,7 @@ auto run_with_cache(Model& model, const Pattern& pattern, const CacheOptions& op
   detail::check_cacheable(model, options);
   ActivationCache cache(options);
   ScopedHooks scope(model);
-  scope.add(pattern,
-            HookFunction("").capture(false).slice(options.slice()).editing_function(
-                [&cache](const torch::Tensor& x, HookContext& ctx) { cache.add(ctx.module_name, ctx.hook_type, x); }),
-            options.hook_type());
+  detail::add_cache_hooks(scope, pattern, cache);
   auto output = model.forward(scope.only(), std::forward<Args>(inputs)...);
   return std::pair<decltype(output), ActivationCache>(std::move(output), std::move(cache));
 }

@@ -15,6 +15,14 @@ void detail::check_cacheable(const FlexModelBase& model, const CacheOptions& opt
                   ": gradients come after the run; register that hook and read outputs() after backward()");
 }
 
+void detail::add_cache_hooks(ScopedHooks& scope, const Pattern& pattern, ActivationCache& cache) {
+  const CacheOptions& options = cache.options();
+  scope.add(pattern,
+            HookFunction("").capture(false).slice(options.slice()).editing_function(
+                [&cache](const torch::Tensor& x, HookContext& ctx) { cache.add(ctx.module_name, ctx.hook_type, x); }),
+            options.hook_type());
+}
+
 void ActivationCache::add(const std::string& module_name, HookType type, const torch::Tensor& tensor) {
   const torch::Tensor source = tensor.detach();
   const bool cast = options_.dtype().has_value() && source.is_floating_point();

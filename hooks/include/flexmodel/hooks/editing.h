@@ -14,6 +14,7 @@
 
 #include "flexmodel/error.h"
 #include "flexmodel/hook_function.h"
+#include "flexmodel/interventions.h"
 
 namespace flexmodel::hooks {
 
@@ -84,6 +85,14 @@ inline EditingFunction patch(std::string key) {
     FLEXMODEL_CHECK(source.sizes() == x.sizes(), ShapeError, "patch on '", ctx.module_name, "': save_ctx['", name,
                     "'] has shape ", source.sizes(), ", the activation ", x.sizes());
     return source.to(x.device(), x.scalar_type());
+  };
+}
+
+// Runs the trainable intervention registered as `name` (flexmodel/interventions.h)
+// on the activation: the edit it learnt or was loaded with.
+inline EditingFunction intervene(std::string name) {
+  return [name = std::move(name)](const torch::Tensor& x, HookContext& ctx) {
+    return ctx.trainable_module<InterventionImpl>(name).forward(x);
   };
 }
 
