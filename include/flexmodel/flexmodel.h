@@ -6,6 +6,7 @@
 #include "flexmodel/dist.h"
 #include "flexmodel/error.h"
 #include "flexmodel/flex_model.h"
+#include "flexmodel/generation.h"
 #include "flexmodel/hook_function.h"
 #include "flexmodel/hooked.h"
 #include "flexmodel/interventions.h"

@@ -115,6 +115,13 @@ struct HookContext {
   torch::nn::Module* module;     // the hooked module, or nullptr for a parameter's hook
   SaveContext& save_ctx;
   const TrainableModules& trainable_modules;
+  // In generate(): the generation step (0 runs the prompt) and the positions
+  // [position_begin, position_end) of the sequence this forward's tensors
+  // cover (with a key/value cache, the new token's only); outside
+  // generation -1, and the whole tensor's positions are unknown (0, 0).
+  std::int64_t generation_step = -1;
+  std::int64_t position_begin = 0;
+  std::int64_t position_end = 0;
 
   template <class Impl>
   Impl& trainable_module(const std::string& name) const {

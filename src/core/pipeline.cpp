@@ -16,6 +16,7 @@ namespace flexmodel::detail {
 std::atomic<int> hooked_forwards_in_flight{0};
 __attribute__((tls_model("initial-exec"))) thread_local ModelState* g_current_forward = nullptr;
 thread_local const torch::nn::Module* g_failing_module = nullptr;
+thread_local GenerationStep g_generation_step;
 
 void note_failing_module(const torch::nn::Module* module) noexcept {
   if (g_failing_module == nullptr) g_failing_module = module;
@@ -140,7 +141,8 @@ torch::Tensor run_editing_function(ModelState& state, HookRecord& record, const 
                                    std::int64_t step) {
   torch::nn::Module* module = record.site != nullptr ? record.site->module : nullptr;
   HookContext context{record.function.module_name(), record.type, step, module, state.save_ctx,
-                      state.trainable_modules};
+                      state.trainable_modules, g_generation_step.step, g_generation_step.position_begin,
+                      g_generation_step.position_end};
   torch::Tensor edited;
   {
     NoHooksWhileEditing no_nested_hooks;

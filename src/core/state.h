@@ -202,6 +202,13 @@ extern __attribute__((tls_model("initial-exec"))) thread_local ModelState* g_cur
 // The innermost hookable module a failing forward left, for its message.
 extern thread_local const torch::nn::Module* g_failing_module;
 
+// What generate() tells the editing functions of the forward it runs on this thread.
+struct GenerationStep {
+  std::int64_t step = -1;
+  std::int64_t position_begin = 0, position_end = 0;
+};
+extern thread_local GenerationStep g_generation_step;
+
 // ---- shared by the registry, the pipeline and the forward scope ----------
 
 std::string hook_label(const HookRecord& record);

@@ -18,19 +18,31 @@ AttentionImpl::AttentionImpl(const GPTOptions& options) : n_heads_(options.n_hea
   proj = register_module("proj", flexmodel::nn::Linear(options.d_model(), options.d_model()));
 }
 
-std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads) {
+std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads,
+                                                          LayerKV* past) {
   const auto batch = qkv.size(0), time = qkv.size(1), width = qkv.size(2) / 3;
   const auto head_dim = width / heads;
   auto split = qkv.view({batch, time, 3, heads, head_dim}).permute({2, 0, 3, 1, 4});
   auto q = split[0], k = split[1], v = split[2];
+  const std::int64_t before = past != nullptr && past->keys.defined() ? past->keys.size(2) : 0;
+  if (past != nullptr) {
+    if (before > 0) {
+      k = torch::cat({past->keys, k}, 2);
+      v = torch::cat({past->values, v}, 2);
+    }
+    past->keys = k;
+    past->values = v;
+  }
   auto scores = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
-  auto future = torch::ones({time, time}, torch::TensorOptions().dtype(torch::kBool).device(qkv.device())).triu(1);
+  // Query i sits at position before + i: the keys after it are its future.
+  auto future =
+      torch::ones({time, before + time}, torch::TensorOptions().dtype(torch::kBool).device(qkv.device())).triu(before + 1);
   auto probs = torch::softmax(scores.masked_fill(future, -std::numeric_limits<float>::infinity()), -1);
   return {torch::matmul(probs, v).transpose(1, 2).reshape({batch, time, width}), probs};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> AttentionImpl::forward(const torch::Tensor& x) {
-  auto [mixed, probs] = causal_attention(qkv(x), n_heads_);
+std::tuple<torch::Tensor, torch::Tensor> AttentionImpl::forward(const torch::Tensor& x, LayerKV* past) {
+  auto [mixed, probs] = causal_attention(qkv(x), n_heads_, past);
   return {proj(mixed), probs};
 }
 
@@ -49,8 +61,8 @@ BlockImpl::BlockImpl(const GPTOptions& options) {
   mlp = register_module("mlp", MLP(options));
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
-  auto h = x + std::get<0>(attn(ln_1(x)));
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, LayerKV* past) {
+  auto h = x + std::get<0>(attn(ln_1(x), past));
   return h + mlp(ln_2(h));
 }
 
@@ -65,15 +77,24 @@ GPTImpl::GPTImpl(const GPTOptions& options) : options_(options) {
                             flexmodel::nn::Linear(torch::nn::LinearOptions(options.d_model(), options.vocab_size()).bias(false)));
 }
 
-torch::Tensor GPTImpl::forward(const torch::Tensor& tokens) {
+torch::Tensor GPTImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
   FLEXMODEL_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong, ShapeError,
                   "GPT expects int64 tokens of shape [batch, time], got ", tokens.scalar_type(), " ",
                   tokens.sizes());
-  FLEXMODEL_CHECK(tokens.size(1) <= options_.max_positions(), ShapeError, "GPT: sequence length ",
-                  tokens.size(1), " exceeds max_positions ", options_.max_positions());
-  auto positions = torch::arange(tokens.size(1), torch::TensorOptions().dtype(torch::kLong).device(tokens.device()));
+  const std::int64_t past = cache != nullptr ? cache->length() : 0;
+  FLEXMODEL_CHECK(past + tokens.size(1) <= options_.max_positions(), ShapeError, "GPT: sequence length ",
+                  past + tokens.size(1), " exceeds max_positions ", options_.max_positions());
+  if (cache != nullptr) {
+    FLEXMODEL_CHECK(past == 0 || cache->layers[0].keys.size(0) == tokens.size(0), ShapeError, "GPT: the cache holds ",
+                    cache->layers[0].keys.size(0), " rows, the tokens have ", tokens.size(0));
+    cache->layers.resize(layers->size());
+  }
+  auto positions =
+      torch::arange(past, past + tokens.size(1), torch::TensorOptions().dtype(torch::kLong).device(tokens.device()));
   auto h = embed_tokens(tokens) + embed_positions(positions);
-  for (std::size_t i = 0; i < layers->size(); ++i) h = layers->call<BlockImpl>(i, h);
+  for (std::size_t i = 0; i < layers->size(); ++i) {
+    h = layers->call<BlockImpl>(i, h, cache != nullptr ? &cache->layers[i] : nullptr);
+  }
   return lm_head(norm(h));
 }
 

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <torch/arg.h>
 #include <torch/nn/module.h>
@@ -36,15 +37,33 @@ struct GPTOptions {
   TORCH_ARG(std::int64_t, d_mlp) = 256;
 };
 
+// One layer's keys and values of the positions run so far, [B, heads, T, d_head] each.
+struct LayerKV {
+  torch::Tensor keys, values;
+};
+
+// The keys and values of every layer: a forward given one attends to the
+// positions it holds and appends its own, so generation runs only the new
+// tokens. Empty until the first forward.
+struct KVCache {
+  std::vector<LayerKV> layers;
+  // Positions held (0 when empty).
+  std::int64_t length() const { return layers.empty() || !layers[0].keys.defined() ? 0 : layers[0].keys.size(2); }
+};
+
 // Causal self-attention over a fused projection [B, T, 3·W] holding q | k | v of
 // `heads` heads: (mixed values [B, T, W], attention probabilities [B, heads, T, T]).
-std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads);
+// With `past`, the queries are the T positions after the past's and attend to
+// the past's keys and values too (probabilities [B, heads, T, T_past + T]),
+// which `past` then holds.
+std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads,
+                                                          LayerKV* past = nullptr);
 
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const GPTOptions& options);
   // Returns (output [B,T,d], attention probabilities [B,heads,T,T]).
-  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x);
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x, LayerKV* past = nullptr);
 
   flexmodel::nn::Linear qkv{nullptr};
   flexmodel::nn::Linear proj{nullptr};
@@ -68,7 +87,7 @@ FLEX_MODULE(MLP);
 class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const GPTOptions& options);
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x, LayerKV* past = nullptr);
 
   flexmodel::nn::LayerNorm ln_1{nullptr};
   Attention attn{nullptr};
@@ -80,8 +99,9 @@ FLEX_MODULE(Block);
 class GPTImpl : public torch::nn::Module {
  public:
   explicit GPTImpl(const GPTOptions& options = {});
-  // tokens: int64 [B,T] → logits [B,T,vocab].
-  torch::Tensor forward(const torch::Tensor& tokens);
+  // tokens: int64 [B,T] → logits [B,T,vocab]. With a cache, the tokens are
+  // the positions after those it holds, which it then holds too.
+  torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr);
 
   const GPTOptions& options() const { return options_; }
 
