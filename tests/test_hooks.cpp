@@ -47,6 +47,26 @@ TEST_F(HookTest, CapturesEqualSubmoduleOutputsComputedByHand) {
   EXPECT_TRUE(torch::equal(fm.outputs().at("fc1")[1], compute_by_hand(*net, x * 2).fc1));
 }
 
+TEST_F(HookTest, TheOutputMapGivesEachForwardsCapturesApart) {
+  FlexModel fm(net);
+  fm.register_forward_hook(HookFunction("fc1"));
+  fm.register_full_backward_pre_hook(HookFunction("fc2"));
+  const auto first = x.clone().requires_grad_(), second = (x * 2).requires_grad_();
+  fm.forward(first);
+  fm.forward(second).sum().backward();
+  const auto forward1 = fm.outputs().in_forward("fc1", 1);
+  ASSERT_EQ(forward1.size(), 1u);
+  EXPECT_TRUE(torch::equal(forward1[0], compute_by_hand(*net, x * 2).fc1));
+  // The gradient of forward 1's backward belongs to forward 1.
+  EXPECT_EQ(fm.outputs().in_forward("fc2", 1, HookType::full_backward_pre).size(), 1u);
+  EXPECT_NE(error_of([&] { fm.outputs().in_forward("fc2", 0, HookType::full_backward_pre); })
+                .find("forward 0 captured nothing for module 'fc2' (full_backward_pre); forwards that did: 1"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { fm.outputs().in_forward("fc1", 2); }).find("forwards that did: 0, 1"), std::string::npos);
+  fm.outputs().clear();
+  EXPECT_FALSE(fm.outputs().contains("fc1"));
+}
+
 TEST_F(HookTest, CaptureIsASnapshotNotAnAlias) {
   FlexModel fm(net);
   fm.register_forward_hook(HookFunction("fc1"));

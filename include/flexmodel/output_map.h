@@ -37,10 +37,18 @@ class OutputMap {
  public:
   using Key = std::pair<std::string, HookType>;
 
-  // Snapshots of (module_name, type), in forward order. Throws naming the key
-  // and the keys present when nothing was captured there.
+  // Snapshots of (module_name, type), in capture order: one per call, so a
+  // module called twice in a forward has two there. Throws naming the key
+  // and the keys present when nothing was captured there. The map keeps
+  // every forward's until clear() (between experiments), or keeps none with
+  // FlexModelOptions().outputs(false); run_with_cache holds one run apart.
   const std::vector<torch::Tensor>& at(const std::string& module_name,
                                        HookType type = HookType::forward) const;
+  // The snapshots of forward `step` only (0 for the first forward; gradients
+  // belong to the forward whose backward made them); a ConfigError naming the
+  // forwards that captured there when `step` did not.
+  std::vector<torch::Tensor> in_forward(const std::string& module_name, std::int64_t step,
+                                        HookType type = HookType::forward) const;
   bool contains(const std::string& module_name, HookType type = HookType::forward) const;
   std::vector<Key> keys() const;
   std::size_t size() const;
@@ -51,18 +59,19 @@ class OutputMap {
   struct Series {
     Key key;
     std::vector<torch::Tensor> tensors;  // undefined where a snapshot is still pending
+    std::vector<std::int64_t> steps;     // the forward of each tensor
     std::vector<std::pair<std::size_t, detail::PendingSnapshot>> pending;
   };
   Series& series(const std::string& module_name, HookType type);
-  void append(Series& series, torch::Tensor snapshot);
+  void append(Series& series, torch::Tensor snapshot, std::int64_t step);
   // A snapshot into `series`: bytes still pending, or a tensor already copied.
   struct Capture {
     Series* series;
     detail::PendingSnapshot pending;
     torch::Tensor copied;
   };
-  // Appends a forward's captures under one lock, then empties `captures`.
-  void append_all(std::vector<Capture>& captures);
+  // Appends forward `step`'s captures under one lock, then empties `captures`.
+  void append_all(std::vector<Capture>& captures, std::int64_t step);
 
  private:
   const Series& find(const std::string& module_name, HookType type) const;

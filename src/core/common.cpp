@@ -251,17 +251,19 @@ OutputMap::Series& OutputMap::series(const std::string& module_name, HookType ty
   return found;
 }
 
-void OutputMap::append(Series& series, torch::Tensor snapshot) {
+void OutputMap::append(Series& series, torch::Tensor snapshot, std::int64_t step) {
   std::lock_guard lock(mutex_);
   series.tensors.push_back(std::move(snapshot));
+  series.steps.push_back(step);
 }
 
-void OutputMap::append_all(std::vector<Capture>& captures) {
+void OutputMap::append_all(std::vector<Capture>& captures, std::int64_t step) {
   std::lock_guard lock(mutex_);
   for (auto& capture : captures) {
     Series& series = *capture.series;
     if (!capture.copied.defined()) series.pending.emplace_back(series.tensors.size(), std::move(capture.pending));
     series.tensors.push_back(std::move(capture.copied));
+    series.steps.push_back(step);
   }
   captures.clear();
 }
@@ -295,6 +297,26 @@ const std::vector<torch::Tensor>& OutputMap::at(const std::string& module_name, 
   return series.tensors;
 }
 
+std::vector<torch::Tensor> OutputMap::in_forward(const std::string& module_name, std::int64_t step,
+                                                 HookType type) const {
+  const std::vector<torch::Tensor>& tensors = at(module_name, type);
+  std::lock_guard lock(mutex_);
+  const Series& series = find(module_name, type);
+  std::vector<torch::Tensor> picked;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    if (series.steps[i] == step) picked.push_back(tensors[i]);
+  }
+  if (picked.empty()) {
+    std::string forwards;
+    for (std::size_t i = 0; i < series.steps.size(); ++i) {
+      if (i == 0 || series.steps[i] != series.steps[i - 1]) forwards += detail::concat(forwards.empty() ? "" : ", ", series.steps[i]);
+    }
+    FLEXMODEL_FAIL(ConfigError, "forward ", step, " captured nothing for module '", module_name, "' (",
+                   to_string(type), "); forwards that did: ", forwards);
+  }
+  return picked;
+}
+
 bool OutputMap::contains(const std::string& module_name, HookType type) const {
   std::lock_guard lock(mutex_);
   auto found = series_.find(output_key(module_name, type));
@@ -317,6 +339,7 @@ void OutputMap::clear() {
   // Entries stay so that hooks may keep pointing at them; only their contents go.
   for (auto& [key, series] : series_) {
     series.tensors.clear();
+    series.steps.clear();
     series.pending.clear();
   }
 }

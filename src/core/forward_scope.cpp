@@ -260,7 +260,7 @@ void FlexModelBase::ForwardScope::commit() {
   }
   state_.backward_outstanding = state_.applied->captures_gradients;
   if (state_.keep_outputs) {
-    state_.outputs.append_all(state_.pending);
+    state_.outputs.append_all(state_.pending, state_.step);
   } else {
     state_.pending.clear();
   }

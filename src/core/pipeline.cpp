@@ -81,7 +81,7 @@ void deliver_gradient(ModelState& state, OutputMap::Series& series, std::int64_t
                     "ran); call backward before the next forward, and end_backward() after it");
     write_sinks(state, name, type, step, snapshot);
   }
-  if (state.keep_outputs) state.outputs.append(series, snapshot);
+  if (state.keep_outputs) state.outputs.append(series, snapshot, step);
 }
 
 void write_sinks(ModelState& state, const std::string& module_name, HookType type, std::int64_t step,
