@@ -124,6 +124,7 @@ struct Settings {
   std::size_t unpack_idx = 0;
   std::optional<std::int64_t> num_heads;
   flexmodel::Slice slice;  // from --positions and --heads
+  std::int64_t generate = 0;
   bool overwrite = false, append = false, dry_run = false, crash_safe = true, full_forward = false;
 };
 
@@ -337,7 +338,10 @@ std::optional<std::int64_t> recorded_heads(const torch::jit::Module& module, con
 // --positions along dim 1 and --heads of the last dim, for every hook point.
 flexmodel::Slice dump_slice(const Settings& settings, const torch::jit::Module& module) {
   flexmodel::Slice slice;
-  slice.positions(flexmodel::Index::parse(settings.positions));
+  // Generating, a step's rows are its newest position's: the sequence grows by one each step.
+  FLEXMODEL_CHECK(settings.generate == 0 || settings.positions == "all" || settings.positions == "last",
+                  flexmodel::ConfigError, "--generate dumps each step's newest position; leave out --positions");
+  slice.positions(flexmodel::Index::parse(settings.generate > 0 ? std::string("last") : settings.positions));
   const flexmodel::Index heads = flexmodel::Index::parse(settings.heads);
   if (!heads.every()) {
     const auto count = recorded_heads(module, settings);
@@ -346,6 +350,34 @@ flexmodel::Slice dump_slice(const Settings& settings, const torch::jit::Module& 
     slice.heads(heads, *count);
   }
   return slice;
+}
+
+// An integer input is token ids: the file keeps them as /tokens, in the step
+// of the forward that takes them (rank 0 writes; the batch is whole there).
+void write_tokens(const flexmodel::FlexModelBase& fm, const torch::Tensor& batch, flexmodel::io::HDF5Writer* writer) {
+  if (writer == nullptr || batch.dim() != 2 || !c10::isIntegralType(batch.scalar_type(), /*includeBool=*/false)) return;
+  writer->write_tokens(fm.forwards_run(), batch.to(torch::kInt64));
+}
+
+// --generate N: greedy generation of N tokens, then one forward more on the
+// whole sequence, so that the last token has its step too. Each step's
+// forward writes its rows of activations (the newest position's, see
+// dump_slice) and its tokens: the sequence it ran on, padded with -1 to the
+// prompt's length + N.
+void generate_and_dump(flexmodel::ScriptFlexModel& fm, const torch::Tensor& prompt, std::int64_t tokens,
+                       flexmodel::io::HDF5Writer* writer) {
+  const std::int64_t width = prompt.size(1) + tokens;
+  auto padded = [&](const torch::Tensor& ids) {
+    return torch::constant_pad_nd(ids.to(torch::kInt64), {0, width - ids.size(1)}, -1);
+  };
+  auto before_step = [&](std::int64_t, const torch::Tensor& ids) {
+    if (writer != nullptr) writer->write_tokens(fm.forwards_run(), padded(ids));
+  };
+  const flexmodel::Groups dump{"dump"};
+  const torch::Tensor ids =
+      flexmodel::generate(fm, dump, prompt, flexmodel::GenerationOptions().max_new_tokens(tokens).before_step(before_step));
+  before_step(tokens, ids);
+  fm.forward(dump, {ids});
 }
 
 // SIGINT, SIGTERM and SIGHUP stop the dump between two forwards: the steps
@@ -412,7 +444,7 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
   try {
     std::int64_t done = 0;
     for (; done < rows && (stopped = agreed_stop_signal(world)) == 0; done += batch_size) {
-      forward(input.narrow(0, done, std::min(batch_size, rows - done)));
+      forward(input.narrow(0, done, std::min(batch_size, rows - done)), writer.get());
       if (root) progress.update(std::min(done + batch_size, rows));
     }
     fm.close_sinks();
@@ -446,7 +478,8 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
     std::printf("flex-dump: wrote %s: %lld rows in %lld forwards, %.1f MB of activations in %.2f s (%.1f MB/s), "
                 "file %.1f MB\n",
                 settings.out_path.c_str(), static_cast<long long>(rows),
-                static_cast<long long>((rows + batch_size - 1) / batch_size), activation_mb, seconds,
+                static_cast<long long>((rows + batch_size - 1) / batch_size * (settings.generate + 1)), activation_mb,
+                seconds,
                 activation_mb / seconds, file_mb);
     summary->print();
   }
@@ -489,6 +522,9 @@ int run(int argc, char** argv) {
   app.add_option("--num-heads", settings.num_heads,
                  "attention heads of the model, for --heads and for --tp/--pp, where the export does not record them "
                  "(an n_heads or num_heads attribute)");
+  app.add_option("--generate", settings.generate,
+                 "generate N tokens (greedy) after each row of an integer input, and dump each step's newest "
+                 "position; /tokens holds each step's sequence, padded with -1 (one process)");
   app.add_flag("--full-forward", settings.full_forward,
                "run every forward to the model's end; by default a forward stops once its last hook has fired "
                "(the first runs whole to learn where that is)");
@@ -550,6 +586,13 @@ int run(int argc, char** argv) {
   FLEXMODEL_CHECK(input.dim() >= 1 && input.size(0) > 0, flexmodel::ShapeError, "'", settings.input_path,
                   "' holds no rows (shape ", input.sizes(), ")");
   check_token_ids(module, input, settings.input_path);
+  FLEXMODEL_CHECK(settings.generate >= 0, flexmodel::ConfigError, "--generate takes a number of tokens, not ",
+                  settings.generate);
+  FLEXMODEL_CHECK(settings.generate == 0 || (world == 1 && input.dim() == 2 &&
+                                             c10::isIntegralType(input.scalar_type(), /*includeBool=*/false)),
+                  flexmodel::ConfigError, "--generate runs in one process on token ids [rows, positions]; '",
+                  settings.input_path, "' holds ", input.scalar_type(), " ", input.sizes(),
+                  world == 1 ? "" : flexmodel::detail::concat(" and mpirun started ", world, " ranks"));
   FLEXMODEL_CHECK(input.size(0) % settings.batch_size % dp == 0, flexmodel::ConfigError, "the last batch has ",
                   input.size(0) % settings.batch_size, " rows, not a multiple of --dp ", dp,
                   "; choose --batch-size so that it is");
@@ -566,7 +609,13 @@ int run(int argc, char** argv) {
     flexmodel::ScriptFlexModel fm(module, mesh != nullptr ? flexmodel::FlexModelOptions(options).mesh(mesh) : options);
     const Request request = select(fm, settings);
     register_request(fm, request, settings);
-    auto forward = [&](const torch::Tensor& batch) {
+    // The writer is null in the check forward, before the file exists.
+    auto forward = [&](const torch::Tensor& batch, flexmodel::io::HDF5Writer* writer) {
+      if (settings.generate > 0) {
+        generate_and_dump(fm, batch, settings.generate, writer);
+        return;
+      }
+      write_tokens(fm, batch, writer);
       if (settings.full_forward) {
         fm.forward(flexmodel::Groups{"dump"}, {batch});
       } else {
@@ -575,7 +624,7 @@ int run(int argc, char** argv) {
     };
     // One small forward first: a model that rejects the input, or a hook that
     // cannot fire, fails before any file exists.
-    forward(input.narrow(0, 0, settings.dp));
+    forward(input.narrow(0, 0, settings.dp), nullptr);
     check_fired(fm, request);
     return dump(fm, forward, settings, input, mesh != nullptr ? &mesh->world() : nullptr);
   }
@@ -586,8 +635,11 @@ int run(int argc, char** argv) {
   // without an expected shape.
   const Request request = register_on_every_stage(fm, settings);
   // Pipeline stages wait for each other: they run every forward to its end.
-  auto forward = [&](const torch::Tensor& batch) { fm.forward(flexmodel::Groups{"dump"}, batch); };
-  forward(input.narrow(0, 0, dp));
+  auto forward = [&](const torch::Tensor& batch, flexmodel::io::HDF5Writer* writer) {
+    write_tokens(fm, batch, writer);
+    fm.forward(flexmodel::Groups{"dump"}, batch);
+  };
+  forward(input.narrow(0, 0, dp), nullptr);
   check_fired(fm, request, &mesh->world());
   return dump(fm, forward, settings, input, mesh != nullptr ? &mesh->world() : nullptr);
 }

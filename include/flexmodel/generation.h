@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include <torch/arg.h>
 #include <torch/types.h>
@@ -30,6 +31,9 @@ struct GenerationOptions {
   TORCH_ARG(std::int64_t, top_k) = 0;
   // The sampler's own generator: the same seed, the same tokens.
   TORCH_ARG(std::uint64_t, seed) = 0;
+  // Called before each step's forward with the step and the ids so far
+  // (flex-dump writes them beside the step's activations).
+  TORCH_ARG(std::function<void(std::int64_t step, const torch::Tensor& ids)>, before_step) = nullptr;
 };
 
 // The prompt (int64 [B, T]) followed by max_new_tokens generated ids: [B, T + max_new_tokens].

@@ -60,6 +60,7 @@ torch::Tensor run_loop(const FlexModelBase& model, const torch::Tensor& prompt, 
   Sampler sampler(options);
   torch::Tensor ids = prompt;
   for (std::int64_t step = 0; step < options.max_new_tokens(); ++step) {
+    if (options.before_step()) options.before_step()(step, ids);
     ids = torch::cat({ids, sampler.next(logits_after(ids, step))}, 1);
   }
   return ids;

@@ -203,6 +203,7 @@ std::vector<std::string> link_names(hid_t group, const std::string& where) {
 }  // namespace detail
 
 std::string hdf5_dataset_path(const std::string& module_name, HookType type) {
+  if (module_name == kTokensName) return "/tokens";
   return concat("/activations/", module_name.empty() ? detail::kRootGroupName : module_name, "/", to_string(type));
 }
 

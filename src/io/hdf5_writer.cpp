@@ -458,6 +458,9 @@ void HDF5Writer::Impl::open_file(const std::string& file, bool locked) {
       load_dataset(concat("/activations/", module, "/", hook));
     }
   }
+  if (FLEXMODEL_H5(H5Lexists(root, "tokens", H5P_DEFAULT), "could not look for ", where("/tokens")) > 0) {
+    load_dataset("/tokens");
+  }
   void* handle = nullptr;
   FLEXMODEL_H5(H5Fget_vfd_handle(root, H5P_DEFAULT, &handle), "could not get the descriptor of '", file, "'");
   file_descriptor_ = *static_cast<int*>(handle);
@@ -941,13 +944,18 @@ HDF5Writer::Impl::Dataset& HDF5Writer::Impl::dataset_for(const Key& key, const t
       dataset->unfiltered = 0b1;
       break;
   }
-  Handle group = open_or_create_group(activations_.get(), group_name, where("/activations/" + group_name));
-  dataset->data = Handle(FLEXMODEL_H5(H5Dcreate2(group.get(), hook.c_str(), dataset->type.get(), space.get(),
-                                                 H5P_DEFAULT, creation.get(), H5P_DEFAULT),
+  // Token ids sit at the root, their rows per step too: /rows_per_step holds hook points only.
+  const bool tokens = key.first == kTokensName;
+  Handle group = tokens ? Handle()
+                        : open_or_create_group(activations_.get(), group_name, where("/activations/" + group_name));
+  dataset->data = Handle(FLEXMODEL_H5(H5Dcreate2(tokens ? file_.get() : group.get(), tokens ? "tokens" : hook.c_str(),
+                                                 dataset->type.get(), space.get(), H5P_DEFAULT, creation.get(),
+                                                 H5P_DEFAULT),
                                       "could not create ", at),
                          H5Dclose);
   const hid_t data = dataset->data.get();
-  const std::string rows_path = concat("/rows_per_step/", group_name, "/", hook);
+  const std::string rows_path =
+      tokens ? std::string("/tokens_rows_per_step") : concat("/rows_per_step/", group_name, "/", hook);
   write_attribute(data, "module_name", key.first, at);
   write_attribute(data, "hook_type", hook, at);
   write_attribute(data, "torch_dtype", dtype_name(rows.scalar_type()), at);
@@ -961,8 +969,10 @@ HDF5Writer::Impl::Dataset& HDF5Writer::Impl::dataset_for(const Key& key, const t
   FLEXMODEL_H5(H5Pset_chunk(rows_creation.get(), 1, &kRowsPerStepChunk), "could not set the chunks of ",
                where(rows_path));
   FLEXMODEL_H5(H5Pset_obj_track_times(rows_creation.get(), false), "could not create ", where(rows_path));
-  Handle rows_group = open_or_create_group(rows_per_step_.get(), group_name, where("/rows_per_step/" + group_name));
-  dataset->rows_per_step = Handle(FLEXMODEL_H5(H5Dcreate2(rows_group.get(), hook.c_str(), H5T_STD_I64LE,
+  Handle rows_group = tokens ? Handle()
+                            : open_or_create_group(rows_per_step_.get(), group_name, where("/rows_per_step/" + group_name));
+  dataset->rows_per_step = Handle(FLEXMODEL_H5(H5Dcreate2(tokens ? file_.get() : rows_group.get(),
+                                                          tokens ? "tokens_rows_per_step" : hook.c_str(), H5T_STD_I64LE,
                                                           rows_space.get(), H5P_DEFAULT, rows_creation.get(),
                                                           H5P_DEFAULT),
                                                "could not create ", where(rows_path)),
@@ -1254,6 +1264,11 @@ HDF5Writer::~HDF5Writer() {
 void HDF5Writer::write(const std::string& module_name, HookType type, std::int64_t step,
                        const torch::Tensor& snapshot) {
   impl_->write(module_name, type, step, snapshot);
+}
+void HDF5Writer::write_tokens(std::int64_t step, const torch::Tensor& ids) {
+  FLEXMODEL_CHECK(ids.defined() && ids.scalar_type() == torch::kInt64 && ids.dim() == 2, ShapeError,
+                  "HDF5Writer::write_tokens takes int64 ids [rows, positions]");
+  impl_->write(kTokensName, HookType::forward, step, ids);
 }
 void HDF5Writer::end_step(std::int64_t step) { impl_->end_step(step); }
 void HDF5Writer::abort_step(std::int64_t step) noexcept { impl_->abort_step(step); }

@@ -228,6 +228,9 @@ def main(tool, fixtures, mpirun):
         assert run(tool, *common, "--out", single, "--append").returncode == 0
         with h5py.File(single, "r") as h5:
             assert h5["activations/layers.0.mlp/forward"].shape[0] == 4
+            # The appended steps' token ids follow the file's.
+            np.testing.assert_array_equal(h5["tokens"][()], np.concatenate([np.load(tokens)] * 2))
+            assert list(h5["tokens_rows_per_step"][()]) == list(h5["rows_per_step/layers.0.mlp/forward"][()])
         # --append continues only the file's own hook points; otherwise the file stays byte for byte.
         with open(single, "rb") as f:
             before = f.read()

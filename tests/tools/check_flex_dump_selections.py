@@ -96,6 +96,36 @@ def main(tool, fixtures, mpirun):
         np.testing.assert_allclose(datasets(early)["forward|layers.0.mlp"], reference["forward|layers.0.mlp|0"],
                                    rtol=0, atol=1e-6)
 
+        # The input ids are /tokens, each step's beside its activations.
+        ids = np.load(tokens)
+        with h5py.File(last, "r") as h5:
+            np.testing.assert_array_equal(h5["tokens"][()], ids)
+            assert list(h5["tokens_rows_per_step"][()]) == [2], h5["tokens_rows_per_step"][()]
+            assert h5["tokens"].attrs["torch_dtype"] == "int64"
+
+        # --generate 3: greedy tokens as Python's own loop picks them, and each step's newest position of
+        # layers.0 as the eager submodules compute it; 4 steps per batch (the last for the last token).
+        generated = os.path.join(scratch, "generated.h5")
+        result = run(tool, "--model", scripted, "--input", tokens, "--hooks", "layers.0", "--batch-size", "2",
+                     "--generate", "3", "--out", generated)
+        assert result.returncode == 0, result.stderr
+        model = torch.jit.load(scripted)
+        sequence = torch.from_numpy(ids)
+        with h5py.File(generated, "r") as h5, torch.no_grad():
+            assert list(h5["tokens_rows_per_step"][()]) == [2, 2, 2, 2]
+            for step in range(4):
+                rows = slice(2 * step, 2 * step + 2)
+                expected_ids = np.full((2, 15), -1)
+                expected_ids[:, :sequence.shape[1]] = sequence.numpy()
+                np.testing.assert_array_equal(h5["tokens"][rows], expected_ids)
+                hidden = model.embed_tokens(sequence) + model.embed_positions(torch.arange(sequence.shape[1]))
+                layer0 = getattr(model.layers, "0")(hidden)[0][:, -1:]
+                np.testing.assert_allclose(h5["activations/layers.0/forward"][rows], layer0.numpy(), rtol=0, atol=1e-5)
+                sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+        result = run(tool, "--model", scripted, "--input", tokens, "--hooks", "layers.0", "--generate", "3",
+                     "--positions", "0:2", "--out", os.path.join(scratch, "generate_refused.h5"))
+        assert result.returncode != 0 and "--generate dumps each step's newest position" in result.stderr, result.stderr
+
         # Two data-parallel ranks write what one process writes.
         shared = os.path.join(scratch, "dp.h5")
         result = run(*mpirun, "-np", "2", tool, "--model", scripted, *common, "--positions", "last", "--out", shared)
@@ -104,7 +134,10 @@ def main(tool, fixtures, mpirun):
         assert single.keys() == parallel.keys()
         for point in single:
             np.testing.assert_allclose(parallel[point], single[point], rtol=0, atol=1e-6)
-    print("flex-dump selections: positions, heads, unpack-idx, stopped forwards and dp 2 match PyTorch's captures")
+        with h5py.File(shared, "r") as h5:
+            np.testing.assert_array_equal(h5["tokens"][()], ids)
+    print("flex-dump selections: positions, heads, unpack-idx, stopped forwards, tokens, generation and dp 2 match "
+          "PyTorch's")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
 //                                            ("(root)" for the root module "", a 0-dim tensor is one row)
 //   /rows_per_step/<module_name>/<hook_type> int64 [steps]: rows each step added (0 where none);
 //                                            the dataset's attribute rows_per_step holds this path
+//   /tokens                                  write_tokens' ids, rows of every step concatenated;
+//                                            its rows per step in /tokens_rows_per_step
 //   root attribute `steps`                   the number of committed steps; what a reader trusts
 //
 // Durability: once a step is committed (counted by committed_steps(); flush()
@@ -90,7 +92,10 @@ struct HDF5WriterOptions {
   TORCH_ARG(bool, crash_safe) = true;
 };
 
-// "/activations/<module_name or (root)>/<hook_type>"
+// The module name under which write_tokens' ids travel (its attribute module_name); not a module's.
+inline constexpr const char* kTokensName = "(tokens)";
+
+// "/activations/<module_name or (root)>/<hook_type>", and "/tokens" for kTokensName.
 std::string hdf5_dataset_path(const std::string& module_name, HookType type);
 
 // Every call may come from any thread; the file is written by one background
@@ -114,6 +119,9 @@ class HDF5Writer final : public Sink {
   // its dtype or device cannot be stored.
   void write(const std::string& module_name, HookType type, std::int64_t step,
              const torch::Tensor& snapshot) override;
+  // The token ids (int64 [rows, T]) the step's activations come from, as
+  // /tokens: a write like the others, joining step `step`.
+  void write_tokens(std::int64_t step, const torch::Tensor& ids);
   // Every write since the previous end_step forms the next step of the file;
   // they are queued for the writer thread only now, all together.
   void end_step(std::int64_t step) override;
