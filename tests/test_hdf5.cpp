@@ -541,6 +541,38 @@ TEST(HDF5Writer, AppendsOnlyStepsOfTheFilesHookPoints) {
   EXPECT_EQ(writer.committed_steps(), 3);
 }
 
+TEST(HDF5Writer, TokenIdsMayBeginInAnAppendAndNeedNotContinue) {
+  TempDir dir;
+  const std::string file = dir / "acts.h5";
+  {
+    // A file without /tokens, as flex-dump wrote them before it kept them.
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt"));
+    writer.write("layers.0", HookType::forward, 0, torch::ones({2, 3}));
+    writer.end_step(0);
+    writer.close();
+  }
+  {
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt").append(true));
+    writer.write_tokens(1, torch::arange(8).reshape({2, 4}));
+    writer.write("layers.0", HookType::forward, 1, torch::ones({2, 3}));
+    writer.end_step(1);
+    writer.close();
+  }
+  {
+    // An append that writes no ids continues the hook points alone.
+    HDF5Writer writer(file, HDF5WriterOptions().model("gpt2.pt").append(true));
+    writer.write("layers.0", HookType::forward, 2, torch::ones({2, 3}));
+    writer.end_step(2);
+    writer.close();
+  }
+  // The ids of step 1 alone; the steps without ids read 0 rows.
+  EXPECT_EQ(run_python("-c \"import h5py, numpy as np, sys; f = h5py.File('" + file +
+                       "', 'r'); sys.exit(0 if (f['tokens'][()] == np.arange(8).reshape(2, 4)).all() and "
+                       "list(f['tokens_rows_per_step'][()]) == [0, 2, 0] and "
+                       "f['activations/layers.0/forward'].shape == (6, 3) else 1)\""),
+            0);
+}
+
 // A file rewritten by other software (here h5py, with the oldest superblock
 // version, as h5repack may) cannot be kept crash-safe: append refuses it,
 // unless crash_safe(false) says to append without that guarantee.

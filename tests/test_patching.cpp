@@ -132,7 +132,7 @@ TEST(Patching, OnTheBundledModelAttributionTracksTheExactSweep) {
   const double correlation = ((a * b).sum() / (a.norm() * b.norm())).item<double>();
   std::cout << "attribution vs exact patching on the bundled model (3 layers x 12 positions): correlation "
             << correlation << "\n";
-  EXPECT_TRUE(std::isfinite(correlation));
+  EXPECT_GT(correlation, 0.85);
   // Positions before the change carry nothing of it, exactly and estimated.
   for (std::int64_t t = 0; t < 3; ++t) {
     EXPECT_NEAR(exact.effect[0][t].item<double>(), exact.corrupt_metric, 1e-6);

@@ -99,6 +99,26 @@ TEST_F(SliceTest, AnEditReplacesItsSliceAndLeavesTheRestOfTheTensor) {
   }
 }
 
+TEST_F(SliceTest, AnInPlaceEditOfAListSliceReachesTheTensor) {
+  // A list of indices is a copy of the tensor's rows: editing it in place must still edit the model's.
+  FlexModel fm(gpt);
+  fm.register_forward_hook(HookFunction("layers.0.mlp", {}, [](const torch::Tensor& x) { x.mul_(0); })
+                               .slice(Slice().positions(Index::list({1, 3}))));
+  const auto by_hand = edited_by_hand("layers.0.mlp", HookType::forward, [](torch::Tensor x) {
+    x.select(1, 1).zero_();
+    x.select(1, 3).zero_();
+    return x;
+  });
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::equal(fm.forward(tokens), by_hand));
+  EXPECT_NE(error_of([&] {
+              FlexModel twice(gpt);
+              twice.register_forward_hook(HookFunction("layers.0.mlp").slice(Slice().positions(Index::list({1, -5}))));
+              twice.forward(tokens);
+            }).find("name position 1 of dim 1 twice"),
+            std::string::npos);
+}
+
 TEST_F(SliceTest, AutogradSeesASlicedEditAsTheSameEditOfTheWholeTensor) {
   auto gradient = [&](const std::function<void(FlexModel<models::GPTImpl>&)>& hook) {
     gpt->zero_grad();

@@ -586,6 +586,9 @@ int run(int argc, char** argv) {
   FLEXMODEL_CHECK(input.dim() >= 1 && input.size(0) > 0, flexmodel::ShapeError, "'", settings.input_path,
                   "' holds no rows (shape ", input.sizes(), ")");
   check_token_ids(module, input, settings.input_path);
+  FLEXMODEL_CHECK(settings.heads == "all" || (settings.tp == 1 && settings.pp == 1), flexmodel::ConfigError,
+                  "--heads selects the heads to dump, which --tp/--pp do not; the head count they may need is "
+                  "--num-heads");
   FLEXMODEL_CHECK(settings.generate >= 0, flexmodel::ConfigError, "--generate takes a number of tokens, not ",
                   settings.generate);
   FLEXMODEL_CHECK(settings.generate == 0 || (world == 1 && input.dim() == 2 &&
@@ -612,7 +615,7 @@ int run(int argc, char** argv) {
     // The writer is null in the check forward, before the file exists.
     auto forward = [&](const torch::Tensor& batch, flexmodel::io::HDF5Writer* writer) {
       if (settings.generate > 0) {
-        generate_and_dump(fm, batch, settings.generate, writer);
+        generate_and_dump(fm, batch.to(torch::kInt64), settings.generate, writer);
         return;
       }
       write_tokens(fm, batch, writer);

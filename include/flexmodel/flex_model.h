@@ -245,6 +245,9 @@ class FlexModelBase {
     ForwardScope& operator=(const ForwardScope&) = delete;
     ~ForwardScope();
     void commit();
+    // commit() after the forward stopped at its last hook; what commit throws
+    // goes through failed() first, as any other error of the forward.
+    void commit_stopped();
     // Called with the exception a forward is failing with. Under a mesh, an
     // error not raised on every rank ends every rank, so none waits forever.
     void failed(std::exception_ptr error);
@@ -353,7 +356,7 @@ class FlexModel : public FlexModelBase {
       scope.commit();
       return output;
     } catch (const detail::ForwardStopped&) {
-      scope.commit();
+      scope.commit_stopped();
       throw;
     } catch (const c10::Error& error) {
       scope.failed(std::current_exception());
@@ -371,7 +374,7 @@ class FlexModel : public FlexModelBase {
   // for a set of groups (and any after the hooks change) runs the whole forward
   // to learn where its last hook fires, as does a set with a hook that has not
   // fired yet. Returns whether this forward stopped early. For a model whose
-  // calls depend on its input's values (not its shapes), use forward(). Under
+  // number of calls depends on its input (values or shape), use forward(). Under
   // pp every stage runs to its end; gradient hooks are a ConfigError.
   template <class... Args>
   bool run_to_last_hook(const Groups& groups, Args&&... inputs) {

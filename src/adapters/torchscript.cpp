@@ -597,7 +597,7 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
     scope.commit();
     return output;
   } catch (const detail::ForwardStopped&) {
-    scope.commit();
+    scope.commit_stopped();
     throw;
   } catch (...) {
     scope.failed(std::current_exception());

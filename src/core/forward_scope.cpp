@@ -270,6 +270,15 @@ void FlexModelBase::ForwardScope::commit() {
   committed_ = true;
 }
 
+void FlexModelBase::ForwardScope::commit_stopped() {
+  try {
+    commit();
+  } catch (...) {
+    failed(std::current_exception());
+    throw;
+  }
+}
+
 void FlexModelBase::ForwardScope::failed(std::exception_ptr error) {
   detail::end_world_unless_raised_everywhere(state_, std::move(error));
 }

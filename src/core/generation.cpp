@@ -2,6 +2,7 @@
 
 #include <functional>
 #include <limits>
+#include <utility>
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -35,12 +36,14 @@ class Sampler {
 // Sets what HookContext reports for one step's forward.
 class StepScope {
  public:
-  StepScope(std::int64_t step, std::int64_t begin, std::int64_t end) {
-    detail::g_generation_step = {step, begin, end};
-  }
+  StepScope(std::int64_t step, std::int64_t begin, std::int64_t end)
+      : previous_(std::exchange(detail::g_generation_step, {step, begin, end})) {}
   StepScope(const StepScope&) = delete;
   StepScope& operator=(const StepScope&) = delete;
-  ~StepScope() { detail::g_generation_step = {}; }
+  ~StepScope() { detail::g_generation_step = previous_; }
+
+ private:
+  detail::GenerationStep previous_;
 };
 
 // `logits_after(ids, step)`: [B, vocab] logits of the position after `ids`,

@@ -113,16 +113,21 @@ PatchingResult activation_patching(FlexModelBase& model, const Pattern& points, 
     for (std::int64_t entry = 0; entry < entries; ++entry) {
       const Slice slice = entry_slice(options, entry);
       const torch::Tensor patch = slice.take(source);
+      bool fired = false;
       ScopedHooks scope(model);
       // The slice of a corrupt tensor of another shape could still fit: the whole is checked first.
-      scope.add(HookFunction(name, {}, [&, name = name](const torch::Tensor& x) { check_same_shape(x, source, name); })
-                    .capture(false),
+      scope.add(HookFunction(name, {}, [&, name = name](const torch::Tensor& x) {
+                  check_same_shape(x, source, name);
+                  fired = true;
+                }).capture(false),
                 type);
       scope.add(HookFunction(name, {}, [&](const torch::Tensor& x) { return patch.to(x.device(), x.scalar_type()); })
                     .slice(slice)
                     .capture(false),
                 type);
       row.push_back(judge(corrupt(scope.only())).item<double>());
+      FLEXMODEL_CHECK(fired, HookError, "activation patching: '", name,
+                      "' ran in the clean forward but not in the corrupt one, so nothing was patched");
     }
     result.points.push_back(name);
     rows.push_back(torch::tensor(row, torch::kFloat64));

@@ -285,8 +285,9 @@ void run_pipeline(ModelState& state, HookRecord& record, torch::Tensor& tensor, 
     if (!editing) return torch::Tensor();
     torch::Tensor edited = run_editing_function(state, record, part, firing.step);
     if (slice.empty()) return edited;
-    // An observer returns its input: the tensor stays the model's own.
-    return edited.is_same(part) ? whole : slice.put(whole, edited);
+    // An observer returns its input: the tensor stays the model's own, unless
+    // the slice is a copy (a list of indices), which an in-place edit changed alone.
+    return edited.is_same(part) && part.is_alias_of(whole) ? whole : slice.put(whole, edited);
   };
   if (!state.distributed()) {
     torch::Tensor edited = at_leader(tensor);

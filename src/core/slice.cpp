@@ -98,10 +98,14 @@ std::pair<std::int64_t, std::int64_t> Index::span(std::int64_t size, std::int64_
 torch::Tensor Index::positions(std::int64_t size, std::int64_t dim, std::string_view what,
                                const torch::Device& device) const {
   std::vector<std::int64_t> resolved;
+  std::set<std::int64_t> seen;
   for (std::int64_t i : list_) {
     FLEXMODEL_CHECK(-size <= i && i < size, ShapeError, what, " ", describe(), ": index ", i, " is outside dim ",
                     dim, " of size ", size);
     resolved.push_back(i < 0 ? i + size : i);
+    // 1 and -5 of 6 are one index: an edit would write it twice, in no defined order.
+    FLEXMODEL_CHECK(seen.insert(resolved.back()).second, ShapeError, what, " ", describe(), ": indices ",
+                    "name position ", resolved.back(), " of dim ", dim, " twice");
   }
   return torch::tensor(resolved, torch::kInt64).to(device);
 }
@@ -172,7 +176,7 @@ std::vector<std::int64_t> Slice::head_view(const torch::Tensor& whole) const {
 std::vector<Slice::Step> Slice::steps(const torch::Tensor& viewed) const {
   // Dimensions are the tensor's own: the heads view adds one at the end, so
   // a negative position dim is counted before it.
-  const std::int64_t own_rank = viewed.dim() - (head_count_ > 0 ? 1 : 0);
+  const std::int64_t own_rank = viewed.dim() - (head_count_ > 0 && !heads_.every() ? 1 : 0);
   std::vector<Step> steps;
   auto add = [&](const Index& index, std::int64_t dim, const char* what) {
     if (index.every()) return;

@@ -611,12 +611,20 @@ void HDF5Writer::Impl::enqueue_staged() {
 bool HDF5Writer::Impl::refuse_unless_continues_file() {
   if (file_keys_.empty() || staged_.empty()) return false;
   const std::set<Key> file_keys = std::exchange(file_keys_, {});
+  // Token ids are no hook point: a file without them may gain them, and one with them
+  // continues without (their rows read 0 in those steps).
   std::set<Key> keys;
-  for (const auto& item : staged_) keys.insert(item.key);
-  if (keys == file_keys) return false;
+  for (const auto& item : staged_) {
+    if (item.key.first != kTokensName) keys.insert(item.key);
+  }
+  std::set<Key> points;
+  for (const auto& key : file_keys) {
+    if (key.first != kTokensName) points.insert(key);
+  }
+  if (keys == points) return false;
   std::vector<Key> missing, extra;
-  std::set_difference(file_keys.begin(), file_keys.end(), keys.begin(), keys.end(), std::back_inserter(missing));
-  std::set_difference(keys.begin(), keys.end(), file_keys.begin(), file_keys.end(), std::back_inserter(extra));
+  std::set_difference(points.begin(), points.end(), keys.begin(), keys.end(), std::back_inserter(missing));
+  std::set_difference(keys.begin(), keys.end(), points.begin(), points.end(), std::back_inserter(extra));
   const auto name = [](const std::vector<Key>& some) {
     return some.empty() ? std::string("none")
                         : concat("'", hdf5_dataset_path(some[0].first, some[0].second), "'",
@@ -625,7 +633,7 @@ bool HDF5Writer::Impl::refuse_unless_continues_file() {
   Item item;
   item.kind = Item::Kind::abandon;
   try {
-    FLEXMODEL_FAIL(IOError, "cannot append to '", path_, "': its steps hold ", file_keys.size(),
+    FLEXMODEL_FAIL(IOError, "cannot append to '", path_, "': its steps hold ", points.size(),
                    " datasets and this run's first step writes ", keys.size(), " (the file's that it lacks: ",
                    name(missing), "; its own that the file lacks: ", name(extra),
                    "); append with the hook points that wrote the file, or write another file");
