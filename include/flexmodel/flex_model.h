@@ -288,6 +288,17 @@ class FlexModelBase {
    private:
     detail::ModelState& state_;
   };
+  // Runs `forward()` as a forward that stops after its last hook; whether it stopped.
+  template <class Forward>
+  bool stopping_at_last_hook(Forward&& forward) {
+    StopAtLastHook stop(*this);
+    try {
+      forward();
+    } catch (const detail::ForwardStopped&) {
+      return true;
+    }
+    return false;
+  }
 
   // Throws the ShapeError for a LibTorch error that left the model's forward:
   // one line naming the model, the innermost hookable module it left, and the cause.
@@ -378,13 +389,7 @@ class FlexModel : public FlexModelBase {
   // pp every stage runs to its end; gradient hooks are a ConfigError.
   template <class... Args>
   bool run_to_last_hook(const Groups& groups, Args&&... inputs) {
-    StopAtLastHook stop(*this);
-    try {
-      forward(groups, std::forward<Args>(inputs)...);
-    } catch (const detail::ForwardStopped&) {
-      return true;
-    }
-    return false;
+    return stopping_at_last_hook([&] { forward(groups, std::forward<Args>(inputs)...); });
   }
 
   const std::shared_ptr<ModuleImpl>& module() const { return model_; }

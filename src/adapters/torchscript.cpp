@@ -606,13 +606,7 @@ torch::IValue FlexModel<torch::jit::Module>::forward(const Groups& groups, std::
 }
 
 bool FlexModel<torch::jit::Module>::run_to_last_hook(const Groups& groups, std::vector<torch::IValue> inputs) {
-  StopAtLastHook stop(*this);
-  try {
-    forward(groups, std::move(inputs));
-  } catch (const detail::ForwardStopped&) {
-    return true;
-  }
-  return false;
+  return stopping_at_last_hook([&] { forward(groups, std::move(inputs)); });
 }
 
 torch::IValue FlexModel<torch::jit::Module>::run_graph(std::vector<torch::IValue> inputs) {
