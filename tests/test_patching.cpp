@@ -110,6 +110,29 @@ TEST_F(PatchingTest, AttributionIsTheCorruptMetricPlusGradientTimesDifference) {
   for (const auto& parameter : gpt->parameters()) EXPECT_FALSE(parameter.grad().defined());
 }
 
+TEST_F(PatchingTest, AttributionOfAFrozenModelIsTheSameAndLeavesItFrozen) {
+  FlexModel fm(gpt);
+  const auto expected = attribution_patching(fm, "layers.*", clean, corrupt, metric);
+  fm.wrapped_module_requires_grad(false);
+  const auto frozen = attribution_patching(fm, "layers.*", clean, corrupt, metric);
+  EXPECT_TRUE(torch::allclose(frozen.effect, expected.effect, 1e-9, 1e-9));
+  for (const auto& parameter : gpt->parameters()) {
+    EXPECT_FALSE(parameter.requires_grad());
+    EXPECT_FALSE(parameter.grad().defined());
+  }
+}
+
+TEST_F(PatchingTest, AttributionRefusesAPointThatDiffersButGetsNoGradient) {
+  // The token ids going into the embedding differ between the runs and have no gradient.
+  FlexModel fm(gpt);
+  EXPECT_NE(error_of([&] {
+              attribution_patching(fm, "embed_tokens", clean, corrupt, metric,
+                                   PatchingOptions().hook_type(HookType::forward_pre));
+            }).find("no gradient reached 'embed_tokens' in the corrupt run's backward"),
+            std::string::npos);
+  EXPECT_TRUE(fm.hooks().empty());
+}
+
 TEST(Patching, OnTheBundledModelAttributionTracksTheExactSweep) {
   ScriptFlexModel fm(std::string(FLEXMODEL_FIXTURE_DIR) + "/gpt_scripted.pt");
   const auto tokens = read_npy(std::string(FLEXMODEL_FIXTURE_DIR) + "/tokens.npy");

@@ -27,6 +27,7 @@
 #include <set>
 #include <sstream>
 #include <tuple>
+#include <type_traits>
 
 #include <CLI/CLI.hpp>
 
@@ -364,8 +365,8 @@ void write_tokens(const flexmodel::FlexModelBase& fm, const torch::Tensor& batch
 // forward writes its rows of activations (the newest position's, see
 // dump_slice) and its tokens: the sequence it ran on, padded with -1 to the
 // prompt's length + N.
-void generate_and_dump(flexmodel::ScriptFlexModel& fm, const torch::Tensor& prompt, std::int64_t tokens,
-                       flexmodel::io::HDF5Writer* writer) {
+template <class Model>
+void generate_and_dump(Model& fm, const torch::Tensor& prompt, std::int64_t tokens, flexmodel::io::HDF5Writer* writer) {
   const std::int64_t width = prompt.size(1) + tokens;
   auto padded = [&](const torch::Tensor& ids) {
     return torch::constant_pad_nd(ids.to(torch::kInt64), {0, width - ids.size(1)}, -1);
@@ -377,7 +378,11 @@ void generate_and_dump(flexmodel::ScriptFlexModel& fm, const torch::Tensor& prom
   const torch::Tensor ids =
       flexmodel::generate(fm, dump, prompt, flexmodel::GenerationOptions().max_new_tokens(tokens).before_step(before_step));
   before_step(tokens, ids);
-  fm.forward(dump, {ids});
+  if constexpr (std::is_same_v<Model, flexmodel::ScriptFlexModel>) {
+    fm.forward(dump, {ids});
+  } else {
+    fm.forward(dump, ids);
+  }
 }
 
 // SIGINT, SIGTERM and SIGHUP stop the dump between two forwards: the steps
@@ -524,7 +529,7 @@ int run(int argc, char** argv) {
                  "(an n_heads or num_heads attribute)");
   app.add_option("--generate", settings.generate,
                  "generate N tokens (greedy) after each row of an integer input, and dump each step's newest "
-                 "position; /tokens holds each step's sequence, padded with -1 (one process)");
+                 "position; /tokens holds each step's sequence, padded with -1");
   app.add_flag("--full-forward", settings.full_forward,
                "run every forward to the model's end; by default a forward stops once its last hook has fired "
                "(the first runs whole to learn where that is)");
@@ -591,11 +596,10 @@ int run(int argc, char** argv) {
                   "--num-heads");
   FLEXMODEL_CHECK(settings.generate >= 0, flexmodel::ConfigError, "--generate takes a number of tokens, not ",
                   settings.generate);
-  FLEXMODEL_CHECK(settings.generate == 0 || (world == 1 && input.dim() == 2 &&
-                                             c10::isIntegralType(input.scalar_type(), /*includeBool=*/false)),
-                  flexmodel::ConfigError, "--generate runs in one process on token ids [rows, positions]; '",
-                  settings.input_path, "' holds ", input.scalar_type(), " ", input.sizes(),
-                  world == 1 ? "" : flexmodel::detail::concat(" and mpirun started ", world, " ranks"));
+  FLEXMODEL_CHECK(settings.generate == 0 ||
+                      (input.dim() == 2 && c10::isIntegralType(input.scalar_type(), /*includeBool=*/false)),
+                  flexmodel::ConfigError, "--generate runs on token ids [rows, positions]; '", settings.input_path,
+                  "' holds ", input.scalar_type(), " ", input.sizes());
   FLEXMODEL_CHECK(input.size(0) % settings.batch_size % dp == 0, flexmodel::ConfigError, "the last batch has ",
                   input.size(0) % settings.batch_size, " rows, not a multiple of --dp ", dp,
                   "; choose --batch-size so that it is");
@@ -639,6 +643,10 @@ int run(int argc, char** argv) {
   const Request request = register_on_every_stage(fm, settings);
   // Pipeline stages wait for each other: they run every forward to its end.
   auto forward = [&](const torch::Tensor& batch, flexmodel::io::HDF5Writer* writer) {
+    if (settings.generate > 0) {
+      generate_and_dump(fm, batch.to(torch::kInt64), settings.generate, writer);
+      return;
+    }
     write_tokens(fm, batch, writer);
     fm.forward(flexmodel::Groups{"dump"}, batch);
   };

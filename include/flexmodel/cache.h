@@ -8,12 +8,15 @@
 //   auto last = flexmodel::CacheOptions().slice(flexmodel::Slice().positions(flexmodel::Index::last()));
 //
 // The run's hooks are only the cache's (the model's own stay registered and
-// do not run); they copy what they see, so later edits never change it. One
-// process only for now: under a mesh, capture with hooks and read outputs().
+// do not run); they copy what they see, so later edits never change it.
+// Under a mesh it is collective (every rank calls it) and the cache is filled
+// on rank 0, with whole tensors in forward order, as CPU copies; the other
+// ranks' caches are empty.
 #pragma once
 
 #include <cstddef>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -28,13 +31,24 @@
 
 namespace flexmodel {
 
+class ActivationCache;
+namespace detail {
+// Hooks of `scope` (on `model`) that fill `cache` at every hook point
+// `pattern` selects. In one process they copy what they see; under a mesh
+// they capture, and rank 0's captures reach `cache` through the diversion
+// returned (null in one process), which must outlive the forward.
+std::unique_ptr<FlexModelBase::DivertedCaptures> add_cache_hooks(FlexModelBase& model, ScopedHooks& scope,
+                                                                 const Pattern& pattern, ActivationCache& cache);
+}  // namespace detail
+
 struct CacheOptions {
   // Which hooks fill the cache: forward (outputs) or forward_pre (inputs).
   TORCH_ARG(HookType, hook_type) = HookType::forward;
   // Floating-point tensors are cast as captured (bfloat16 or float16 halves
   // float32's memory); integer and bool tensors keep their dtype.
   TORCH_ARG(std::optional<c10::ScalarType>, dtype) = std::nullopt;
-  // CUDA activations stay on their device (else the cache holds CPU copies).
+  // CUDA activations stay on their device (else the cache holds CPU copies);
+  // under a mesh they come through rank 0's capture path as CPU copies.
   TORCH_ARG(bool, keep_device) = false;
   // Only this part of each tensor is cached (the last position, say).
   TORCH_ARG(Slice, slice) = Slice();
@@ -66,19 +80,20 @@ class ActivationCache {
   const CacheOptions& options() const { return options_; }
 
  private:
+  friend std::unique_ptr<FlexModelBase::DivertedCaptures> detail::add_cache_hooks(FlexModelBase&, ScopedHooks&,
+                                                                                   const Pattern&, ActivationCache&);
   const std::vector<torch::Tensor>& find(const std::string& module_name, HookType type) const;
 
   CacheOptions options_;
+  bool filled_on_another_rank_ = false;  // a rank other than 0 under a mesh
   std::vector<Key> order_;
   std::map<Key, std::vector<torch::Tensor>> tensors_;
 };
 
 namespace detail {
-// A ConfigError unless `model` runs in one process and `options` asks for
-// forward or forward_pre hooks (gradient hooks would fire after the run).
-void check_cacheable(const FlexModelBase& model, const CacheOptions& options);
-// Hooks of `scope` that fill `cache` at every hook point `pattern` selects.
-void add_cache_hooks(ScopedHooks& scope, const Pattern& pattern, ActivationCache& cache);
+// A ConfigError unless `options` asks for forward or forward_pre hooks
+// (gradient hooks would fire after the run).
+void check_cacheable(const CacheOptions& options);
 template <class... Args>
 inline constexpr bool first_is_cache_options = false;
 template <class First, class... Rest>
@@ -89,10 +104,10 @@ inline constexpr bool first_is_cache_options<First, Rest...> = std::is_same_v<st
 // selects and returns its output with their activations.
 template <class Model, class... Args>
 auto run_with_cache(Model& model, const Pattern& pattern, const CacheOptions& options, Args&&... inputs) {
-  detail::check_cacheable(model, options);
+  detail::check_cacheable(options);
   ActivationCache cache(options);
   ScopedHooks scope(model);
-  detail::add_cache_hooks(scope, pattern, cache);
+  const auto diverted = detail::add_cache_hooks(model, scope, pattern, cache);
   auto output = model.forward(scope.only(), std::forward<Args>(inputs)...);
   return std::pair<decltype(output), ActivationCache>(std::move(output), std::move(cache));
 }

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -199,6 +200,9 @@ class FlexModelBase {
   const TrainableModules& trainable_modules() const;
   // Sets requires_grad on every parameter of the wrapped model.
   void wrapped_module_requires_grad(bool requires_grad);
+  // The wrapped model's parameters by name (this rank's shards under tp), as
+  // the model holds them: an optimizer over them trains the model itself.
+  std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const;
 
   // A detached CPU copy of a parameter; expected_shape is checked where given.
   torch::Tensor get_module_parameter(const std::string& name, const ExpectedShape& expected_shape = {}) const;
@@ -227,6 +231,23 @@ class FlexModelBase {
 
   // Removes every hook and group; the model then runs exactly as unwrapped.
   void restore();
+
+  // While it lives, what this model's hooks capture (on rank 0 under a mesh,
+  // the captures of every stage, in forward order; gradients as their
+  // backward delivers them) goes to `tap` instead of the output map and the
+  // sinks: run_with_cache and the patching helpers take one run's captures so.
+  using CaptureTap = std::function<void(const std::string& module_name, HookType type, const torch::Tensor& snapshot)>;
+  class DivertedCaptures {
+   public:
+    DivertedCaptures(FlexModelBase& model, CaptureTap tap);
+    DivertedCaptures(const DivertedCaptures&) = delete;
+    DivertedCaptures& operator=(const DivertedCaptures&) = delete;
+    ~DivertedCaptures();
+
+   private:
+    detail::ModelState& state_;
+    CaptureTap previous_;
+  };
 
   const FlexModelOptions& options() const { return options_; }
   // The mesh this FlexModel runs on; null in a single process.

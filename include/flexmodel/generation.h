@@ -8,7 +8,12 @@
 //
 // models::GPT runs with its key/value cache (step 0 the prompt, then one
 // position per step); a TorchScript model that maps [B, T] ids to [B, T,
-// vocab] logits (first_tensor of its output) runs the whole sequence each step.
+// vocab] logits (first_tensor of its output), and any other native model
+// that does (parallel::ParallelGPT), runs the whole sequence each step.
+// Under a mesh it is collective: every rank calls it with the same prompt,
+// each step's forward runs on the mesh (models::GPT's whole sequence too),
+// rank 0 chooses the next tokens from its whole logits and every rank gets
+// them, so every rank returns the same ids.
 #pragma once
 
 #include <cstdint>
@@ -41,5 +46,19 @@ torch::Tensor generate(FlexModel<models::GPTImpl>& model, const Groups& groups, 
                        const GenerationOptions& options = {});
 torch::Tensor generate(ScriptFlexModel& model, const Groups& groups, const torch::Tensor& prompt,
                        const GenerationOptions& options = {});
+
+namespace detail {
+// The loop of a model whose forward `logits_of` maps [B, T] ids to [B, T, vocab] logits.
+torch::Tensor generate_whole_sequences(const FlexModelBase& model, const torch::Tensor& prompt,
+                                       const GenerationOptions& options,
+                                       const std::function<torch::Tensor(const torch::Tensor&)>& logits_of);
+}  // namespace detail
+
+template <class ModuleImpl>
+torch::Tensor generate(FlexModel<ModuleImpl>& model, const Groups& groups, const torch::Tensor& prompt,
+                       const GenerationOptions& options = {}) {
+  return detail::generate_whole_sequences(model, prompt, options,
+                                          [&](const torch::Tensor& ids) { return model.forward(groups, ids); });
+}
 
 }  // namespace flexmodel

@@ -9,8 +9,13 @@
 //
 // Clean and corrupt inputs must give each hook point tensors of one shape
 // (prompts of one length). Only the sweep's own hooks run: the model's stay
-// registered and do not. One process; the model's parameter gradients are
-// never touched.
+// registered and do not; the model's parameter gradients are never touched.
+// Under a mesh both are collective (every rank calls them with its inputs)
+// and every rank gets the same table: the clean activations go from rank 0
+// to every rank, each stage patches its own hook points, the metric runs on
+// rank 0, which holds the whole logits. attribution_patching needs a
+// backward through the model: one process or dp alone (the tensor-parallel
+// layers and pipeline stages carry no gradient).
 #pragma once
 
 #include <cstdint>
@@ -89,6 +94,9 @@ PatchingResult activation_patching(Model& model, const Pattern& points, const In
 // The same table estimated to first order from one clean forward and one
 // corrupt forward and backward: metric(corrupt) + Σ ∂metric/∂activation ·
 // (clean − corrupt) over the entry's slice (Nanda's attribution patching).
+// The gradients come from gradient hooks, with every parameter requiring
+// grad for the run; a hook point that differs between the runs but gets no
+// gradient (it depends on no parameter) is a HookError naming it.
 template <class Model, class Input>
 PatchingResult attribution_patching(Model& model, const Pattern& points, const Input& clean, const Input& corrupt,
                                     std::optional<Metric> metric = std::nullopt, PatchingOptions options = {}) {

@@ -28,7 +28,8 @@ class ScopedHooks {
 
   HookHandle add(HookFunction hook, HookType type = HookType::forward);
   // `hook` on every hook point `pattern` selects for `type`, in model order;
-  // a ConfigError when it selects none.
+  // a ConfigError when it selects none. Under pp it is collective, as
+  // create_hook_group: every stage registers the hooks of them all.
   std::vector<HookHandle> add(const Pattern& pattern, const HookFunction& hook, HookType type = HookType::forward);
 
   const std::vector<HookHandle>& handles() const { return handles_; }

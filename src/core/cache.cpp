@@ -4,23 +4,32 @@
 
 namespace flexmodel {
 
-void detail::check_cacheable(const FlexModelBase& model, const CacheOptions& options) {
-  // Under a mesh the cache's hooks would send every tensor through the mesh's
-  // collectives, which carry no gradient.
-  FLEXMODEL_CHECK(model.mesh() == nullptr || !model.mesh()->distributed(), ConfigError,
-                  "run_with_cache runs in one process; under a mesh capture with hooks and read outputs() on rank 0, "
-                  "or stream to an HDF5 sink");
+void detail::check_cacheable(const CacheOptions& options) {
   FLEXMODEL_CHECK(options.hook_type() == HookType::forward || options.hook_type() == HookType::forward_pre,
                   ConfigError, "run_with_cache caches forward or forward_pre hooks, not ", to_string(options.hook_type()),
                   ": gradients come after the run; register that hook and read outputs() after backward()");
 }
 
-void detail::add_cache_hooks(ScopedHooks& scope, const Pattern& pattern, ActivationCache& cache) {
+std::unique_ptr<FlexModelBase::DivertedCaptures> detail::add_cache_hooks(FlexModelBase& model, ScopedHooks& scope,
+                                                                         const Pattern& pattern,
+                                                                         ActivationCache& cache) {
   const CacheOptions& options = cache.options();
-  scope.add(pattern,
-            HookFunction("").capture(false).slice(options.slice()).editing_function(
-                [&cache](const torch::Tensor& x, HookContext& ctx) { cache.add(ctx.module_name, ctx.hook_type, x); }),
-            options.hook_type());
+  if (model.mesh() == nullptr || !model.mesh()->distributed()) {
+    scope.add(pattern,
+              HookFunction("").capture(false).slice(options.slice()).editing_function(
+                  [&cache](const torch::Tensor& x, HookContext& ctx) { cache.add(ctx.module_name, ctx.hook_type, x); }),
+              options.hook_type());
+    return nullptr;
+  }
+  // An editing function would run on each stage's leader, not on rank 0,
+  // and send its tensor back through the mesh: the capture path brings every
+  // stage's tensors, whole, to rank 0, where they are this forward's only.
+  scope.add(pattern, HookFunction("").slice(options.slice()), options.hook_type());
+  cache.filled_on_another_rank_ = model.mesh()->rank() != 0;
+  return std::make_unique<FlexModelBase::DivertedCaptures>(
+      model, [&cache](const std::string& name, HookType type, const torch::Tensor& snapshot) {
+        cache.add(name, type, snapshot);
+      });
 }
 
 void ActivationCache::add(const std::string& module_name, HookType type, const torch::Tensor& tensor) {
@@ -37,6 +46,8 @@ void ActivationCache::add(const std::string& module_name, HookType type, const t
 const std::vector<torch::Tensor>& ActivationCache::find(const std::string& module_name, HookType type) const {
   const auto found = tensors_.find(Key(module_name, type));
   if (found != tensors_.end()) return found->second;
+  FLEXMODEL_CHECK(!filled_on_another_rank_, ConfigError, "the cache has nothing of '", module_name,
+                  "': under a mesh run_with_cache fills the cache on rank 0; read it there");
   std::string held;
   for (const auto& [name, kind] : order_) held += detail::concat(held.empty() ? "" : ", ", "'", name, "' (", to_string(kind), ")");
   FLEXMODEL_FAIL(ConfigError, "the cache has nothing of '", module_name, "' (", to_string(type), "); it holds ",

@@ -174,6 +174,11 @@ void learn_last_hook_firing(ModelState& state) {
 
 }  // namespace
 
+FlexModelBase::DivertedCaptures::DivertedCaptures(FlexModelBase& model, CaptureTap tap)
+    : state_(*model.state_), previous_(std::exchange(state_.capture_tap, std::move(tap))) {}
+
+FlexModelBase::DivertedCaptures::~DivertedCaptures() { state_.capture_tap = std::move(previous_); }
+
 FlexModelBase::StopAtLastHook::StopAtLastHook(FlexModelBase& model) : state_(*model.state_) {
   state_.stop_requested = true;
 }
@@ -246,12 +251,20 @@ void FlexModelBase::ForwardScope::commit() {
     // Results land on rank 0 only.
     if (state_.mesh->rank() != 0) state_.pending.clear();
   }
+  if (state_.capture_tap) {
+    // The sinks' step stays, empty, so that step numbers match the forwards run.
+    for (auto& capture : state_.pending) {
+      state_.capture_tap(capture.series->key.first, capture.series->key.second,
+                         capture.copied.defined() ? capture.copied : detail::materialize(capture.pending));
+    }
+    state_.pending.clear();
+  }
   if (!state_.sinks.empty() && (!state_.distributed() || state_.mesh->rank() == 0)) {
     for (auto& capture : state_.pending) {
       const torch::Tensor tensor = capture.copied.defined() ? capture.copied : detail::materialize(capture.pending);
       detail::write_sinks(state_, capture.series->key.first, capture.series->key.second, state_.step, tensor);
     }
-    if (state_.applied->captures_gradients) {
+    if (state_.applied->captures_gradients && !state_.capture_tap) {
       // Its backward's gradient captures join this step; end_backward ends it.
       state_.open_gradient_step = state_.step;
     } else {

@@ -8,6 +8,7 @@
 
 #include "flexmodel/dist.h"
 #include "core/state.h"
+#include "dist/wire.h"
 
 namespace flexmodel {
 namespace {
@@ -46,14 +47,13 @@ class StepScope {
   detail::GenerationStep previous_;
 };
 
-// `logits_after(ids, step)`: [B, vocab] logits of the position after `ids`,
-// from a forward that covers [begin, end) of them (it tells StepScope).
-using Step = std::function<torch::Tensor(const torch::Tensor& ids, std::int64_t step)>;
+// `step_logits(ids, step)`: the logits of a forward over the newest
+// positions of `ids` ([B, positions, vocab]; whole on rank 0 under a mesh)
+// and how many positions it covered (it tells StepScope which).
+using Step = std::function<std::pair<torch::Tensor, std::int64_t>(const torch::Tensor& ids, std::int64_t step)>;
 
 torch::Tensor run_loop(const FlexModelBase& model, const torch::Tensor& prompt, const GenerationOptions& options,
-                       const Step& logits_after) {
-  FLEXMODEL_CHECK(model.mesh() == nullptr || !model.mesh()->distributed(), ConfigError,
-                  "generate runs in one process");
+                       const Step& step_logits) {
   FLEXMODEL_CHECK(prompt.dim() == 2 && prompt.scalar_type() == torch::kLong && prompt.size(1) > 0, ShapeError,
                   "generate: the prompt must be int64 ids [batch, positions], not ", prompt.scalar_type(), " ",
                   prompt.sizes());
@@ -64,34 +64,54 @@ torch::Tensor run_loop(const FlexModelBase& model, const torch::Tensor& prompt, 
   torch::Tensor ids = prompt;
   for (std::int64_t step = 0; step < options.max_new_tokens(); ++step) {
     if (options.before_step()) options.before_step()(step, ids);
-    ids = torch::cat({ids, sampler.next(logits_after(ids, step))}, 1);
+    const auto [logits, positions] = step_logits(ids, step);
+    // Rank 0 samples and every rank continues with its tokens.
+    const auto next = detail::decided_on_rank0(model.mesh().get(), [&, &logits = logits, positions = positions] {
+      FLEXMODEL_CHECK(logits.defined() && logits.dim() == 3 && logits.size(0) == ids.size(0) &&
+                          logits.size(1) == positions,
+                      ShapeError, "generate: the model's first output tensor is ",
+                      logits.defined() ? logits.sizes() : c10::IntArrayRef{}, ", not [", ids.size(0), ", ", positions,
+                      ", vocab] logits of the ", positions, " positions the step ran");
+      return std::vector<torch::Tensor>{sampler.next(logits.select(1, -1))};
+    });
+    ids = torch::cat({ids, next.front().to(ids.device())}, 1);
   }
   return ids;
 }
 
+bool distributed(const FlexModelBase& model) { return model.mesh() != nullptr && model.mesh()->distributed(); }
+
 }  // namespace
+
+torch::Tensor detail::generate_whole_sequences(const FlexModelBase& model, const torch::Tensor& prompt,
+                                               const GenerationOptions& options,
+                                               const std::function<torch::Tensor(const torch::Tensor&)>& logits_of) {
+  return run_loop(model, prompt, options, [&](const torch::Tensor& ids, std::int64_t step) {
+    StepScope scope(step, 0, ids.size(1));
+    return std::pair{logits_of(ids), ids.size(1)};
+  });
+}
 
 torch::Tensor generate(FlexModel<models::GPTImpl>& model, const Groups& groups, const torch::Tensor& prompt,
                        const GenerationOptions& options) {
+  if (distributed(model)) {
+    // dp's calibration forward, one row larger, would run with the cache and extend it.
+    return detail::generate_whole_sequences(model, prompt, options,
+                                            [&](const torch::Tensor& ids) { return model.forward(groups, ids); });
+  }
   models::KVCache cache;
   return run_loop(model, prompt, options, [&](const torch::Tensor& ids, std::int64_t step) {
     // The cache holds every position but the newest token's.
     const std::int64_t begin = cache.length(), end = ids.size(1);
     StepScope scope(step, begin, end);
-    return model.forward(groups, ids.narrow(1, begin, end - begin), &cache).select(1, -1);
+    return std::pair{model.forward(groups, ids.narrow(1, begin, end - begin), &cache), end - begin};
   });
 }
 
 torch::Tensor generate(ScriptFlexModel& model, const Groups& groups, const torch::Tensor& prompt,
                        const GenerationOptions& options) {
-  return run_loop(model, prompt, options, [&](const torch::Tensor& ids, std::int64_t step) {
-    StepScope scope(step, 0, ids.size(1));
-    const torch::Tensor logits = first_tensor(model.forward(groups, {ids}));
-    FLEXMODEL_CHECK(logits.dim() == 3 && logits.size(1) == ids.size(1), ShapeError,
-                    "generate: the model's first output tensor is ", logits.sizes(), ", not [batch, ", ids.size(1),
-                    ", vocab] logits of the ", ids.size(1), " positions given");
-    return logits.select(1, -1);
-  });
+  return detail::generate_whole_sequences(
+      model, prompt, options, [&](const torch::Tensor& ids) { return first_tensor(model.forward(groups, {ids})); });
 }
 
 }  // namespace flexmodel

@@ -1,5 +1,6 @@
 #include "flexmodel/patching.h"
 
+#include <algorithm>
 #include <map>
 
 #include <torch/autograd.h>
@@ -8,6 +9,7 @@
 #include "flexmodel/dist.h"
 #include "flexmodel/logging.h"
 #include "flexmodel/scoped_hooks.h"
+#include "dist/wire.h"
 
 namespace flexmodel {
 
@@ -38,25 +40,48 @@ torch::Tensor PatchingResult::normalized() const {
 namespace detail {
 namespace {
 
-void check_patchable(const FlexModelBase& model, const PatchingOptions& options, const char* what) {
-  FLEXMODEL_CHECK(model.mesh() == nullptr || !model.mesh()->distributed(), ConfigError, what,
-                  " runs in one process; under a mesh patch with hooks of your own");
+bool distributed(const FlexModelBase& model) { return model.mesh() != nullptr && model.mesh()->distributed(); }
+
+torch::Tensor detached(const torch::Tensor& tensor) { return tensor.defined() ? tensor.detach() : tensor; }
+
+void check_patchable(const PatchingOptions& options, const char* what) {
   FLEXMODEL_CHECK(options.hook_type() == HookType::forward || options.hook_type() == HookType::forward_pre,
                   ConfigError, what, " patches forward or forward_pre hook points, not ", to_string(options.hook_type()));
   FLEXMODEL_CHECK(!options.heads() || *options.heads() > 0, ConfigError, what, ": heads must be positive");
 }
 
-// The clean run's activations at the chosen hook points, each from one call.
+// The clean run's activations at the chosen hook points, each from one call,
+// and its logits: on every rank under a mesh, where each stage patches its own.
 struct CleanRun {
   ActivationCache cache;
   torch::Tensor logits;
 };
 
+// Rank 0's clean run (the logits first, then each call of each hook point) to every rank.
+void share(const FlexModelBase& model, CleanRun& run) {
+  const auto shared = captures_decided_on_rank0(model.mesh().get(), [&] {
+    FLEXMODEL_CHECK(run.logits.defined(), ConfigError, "activation patching: the clean forward returned no logits "
+                                                       "tensor on rank 0");
+    std::vector<WireCapture> captures{WireCapture{"", HookType::forward, 0, run.logits}};
+    for (const auto& [name, type] : run.cache.keys()) {
+      for (const auto& tensor : run.cache.calls(name, type)) captures.push_back(WireCapture{name, type, 0, tensor});
+    }
+    return captures;
+  });
+  run.logits = shared.front().tensor;
+  ActivationCache cache(run.cache.options());
+  for (std::size_t i = 1; i < shared.size(); ++i) cache.add(shared[i].name, shared[i].type, shared[i].tensor);
+  run.cache = std::move(cache);
+}
+
 CleanRun run_clean(FlexModelBase& model, const Pattern& points, const LogitsRun& clean, const PatchingOptions& options) {
   CleanRun run{ActivationCache(CacheOptions().hook_type(options.hook_type())), {}};
-  ScopedHooks scope(model);
-  add_cache_hooks(scope, points, run.cache);
-  run.logits = clean(scope.only()).detach();
+  {
+    ScopedHooks scope(model);
+    const auto diverted = add_cache_hooks(model, scope, points, run.cache);
+    run.logits = detached(clean(scope.only()));
+  }
+  if (distributed(model)) share(model, run);
   for (const auto& [name, type] : run.cache.keys()) {
     FLEXMODEL_CHECK(run.cache.calls(name, type).size() == 1, ConfigError, "activation patching: '", name,
                     "' ran ", run.cache.calls(name, type).size(),
@@ -65,14 +90,42 @@ CleanRun run_clean(FlexModelBase& model, const Pattern& points, const LogitsRun&
   return run;
 }
 
+// The metric of `logits` (whole on rank 0 under a mesh), the same on every rank.
+double metric_of(const FlexModelBase& model, const Metric& judge, const torch::Tensor& logits) {
+  const auto value = decided_on_rank0(model.mesh().get(), [&] {
+    const torch::Tensor judged = judge(logits);
+    FLEXMODEL_CHECK(judged.defined() && judged.numel() == 1, ConfigError,
+                    "activation patching: the metric returned ", judged.defined() ? "a tensor of shape " : "nothing",
+                    judged.defined() ? judged.sizes() : c10::IntArrayRef{}, "; it must return one value");
+    return std::vector<torch::Tensor>{judged.detach().reshape({}).to(torch::kFloat64)};
+  });
+  return value.front().item<double>();
+}
+
 // The default metric: per row, the clean run's top token at the last position against the corrupt run's.
-Metric default_metric(const torch::Tensor& clean_logits, const torch::Tensor& corrupt_logits) {
-  const torch::Tensor correct = clean_logits.select(1, -1).argmax(-1), wrong = corrupt_logits.select(1, -1).argmax(-1);
-  if (torch::equal(correct, wrong)) {
+Metric default_metric(const FlexModelBase& model, const torch::Tensor& clean_logits,
+                      const torch::Tensor& corrupt_logits) {
+  const auto ids = decided_on_rank0(model.mesh().get(), [&] {
+    auto top = [](const torch::Tensor& logits) {
+      FLEXMODEL_CHECK(logits.defined() && logits.dim() == 3, ShapeError, "activation patching: the default metric "
+                      "takes [batch, positions, vocab] logits, not ", logits.defined() ? logits.sizes() : c10::IntArrayRef{},
+                      "; pass a metric");
+      return logits.select(1, -1).argmax(-1);
+    };
+    return std::vector<torch::Tensor>{top(clean_logits), top(corrupt_logits)};
+  });
+  if (torch::equal(ids[0], ids[1])) {
     logger()->warn("activation patching: the clean and corrupt runs predict the same tokens, so the default metric "
                    "(their logit difference) is 0 for every patch; pass a metric");
   }
-  return logit_difference(correct, wrong);
+  return logit_difference(ids[0], ids[1]);
+}
+
+// Whether a hook fired: under a mesh it runs on one stage's leader only.
+bool fired_on_some_rank(const FlexModelBase& model, bool fired) {
+  if (!distributed(model)) return fired;
+  const auto flags = model.mesh()->world().all_gather_ints(fired ? 1 : 0);
+  return std::any_of(flags.begin(), flags.end(), [](std::int64_t flag) { return flag != 0; });
 }
 
 // Positions (dim 1) or heads of `activation`.
@@ -92,19 +145,42 @@ void check_same_shape(const torch::Tensor& corrupt, const torch::Tensor& clean, 
                   " in the clean one; give prompts of one length");
 }
 
+// While it lives every parameter of the model requires grad, so that every
+// activation that depends on one has a gradient; then each is as it was.
+class EveryParameterRequiresGrad {
+ public:
+  explicit EveryParameterRequiresGrad(const FlexModelBase& model) {
+    for (auto& [name, parameter] : model.named_parameters()) {
+      was_.push_back(parameter.requires_grad());
+      parameters_.push_back(parameter);
+      parameter.requires_grad_(true);
+    }
+  }
+  EveryParameterRequiresGrad(const EveryParameterRequiresGrad&) = delete;
+  EveryParameterRequiresGrad& operator=(const EveryParameterRequiresGrad&) = delete;
+  ~EveryParameterRequiresGrad() {
+    for (std::size_t i = 0; i < parameters_.size(); ++i) parameters_[i].requires_grad_(was_[i]);
+  }
+  const std::vector<torch::Tensor>& parameters() const { return parameters_; }
+
+ private:
+  std::vector<torch::Tensor> parameters_;
+  std::vector<bool> was_;
+};
+
 }  // namespace
 
 PatchingResult activation_patching(FlexModelBase& model, const Pattern& points, const LogitsRun& clean,
                                    const LogitsRun& corrupt, const std::optional<Metric>& metric,
                                    const PatchingOptions& options) {
-  check_patchable(model, options, "activation_patching");
+  check_patchable(options, "activation_patching");
   torch::NoGradGuard no_grad;
   const CleanRun clean_run = run_clean(model, points, clean, options);
-  const torch::Tensor corrupt_logits = corrupt(Groups::none());
-  const Metric judge = metric ? *metric : default_metric(clean_run.logits, corrupt_logits);
+  const torch::Tensor corrupt_logits = detached(corrupt(Groups::none()));
+  const Metric judge = metric ? *metric : default_metric(model, clean_run.logits, corrupt_logits);
   PatchingResult result;
-  result.clean_metric = judge(clean_run.logits).item<double>();
-  result.corrupt_metric = judge(corrupt_logits).item<double>();
+  result.clean_metric = metric_of(model, judge, clean_run.logits);
+  result.corrupt_metric = metric_of(model, judge, corrupt_logits);
   std::vector<torch::Tensor> rows;
   for (const auto& [name, type] : clean_run.cache.keys()) {
     const torch::Tensor& source = clean_run.cache.at(name, type);
@@ -125,8 +201,8 @@ PatchingResult activation_patching(FlexModelBase& model, const Pattern& points, 
                     .slice(slice)
                     .capture(false),
                 type);
-      row.push_back(judge(corrupt(scope.only())).item<double>());
-      FLEXMODEL_CHECK(fired, HookError, "activation patching: '", name,
+      row.push_back(metric_of(model, judge, corrupt(scope.only())));
+      FLEXMODEL_CHECK(fired_on_some_rank(model, fired), HookError, "activation patching: '", name,
                       "' ran in the clean forward but not in the corrupt one, so nothing was patched");
     }
     result.points.push_back(name);
@@ -139,65 +215,73 @@ PatchingResult activation_patching(FlexModelBase& model, const Pattern& points, 
 PatchingResult attribution_patching(FlexModelBase& model, const Pattern& points, const LogitsRun& clean,
                                     const LogitsRun& corrupt, const std::optional<Metric>& metric,
                                     const PatchingOptions& options) {
-  check_patchable(model, options, "attribution_patching");
-  CleanRun clean_run = [&] {
+  check_patchable(options, "attribution_patching");
+  FLEXMODEL_CHECK(!distributed(model) || (model.mesh()->shape().tp == 1 && model.mesh()->shape().pp == 1),
+                  ConfigError, "attribution_patching needs a backward through the model, which flexmodel's "
+                  "tensor-parallel layers and pipeline stages do not carry (tp ", model.mesh()->shape().tp, ", pp ",
+                  model.mesh()->shape().pp, "); run it under dp alone, or use activation_patching");
+  const CleanRun clean_run = [&] {
     torch::NoGradGuard no_grad;
     return run_clean(model, points, clean, options);
   }();
-  // The corrupt run keeps every chosen activation in the graph; one that does
-  // not require grad (a model with frozen weights) becomes a leaf that does.
+  // The corrupt run captures each chosen activation and its gradient, which
+  // the hooks bring whole to rank 0 under dp, as any gradient hook's.
+  const HookType gradient_type =
+      options.hook_type() == HookType::forward ? HookType::full_backward_pre : HookType::full_backward;
+  std::map<std::string, torch::Tensor> activations, gradients;
+  FlexModelBase::DivertedCaptures diverted(model, [&](const std::string& name, HookType type, const torch::Tensor& x) {
+    (type == gradient_type ? gradients : activations)[name] = x;
+  });
   torch::AutoGradMode grad_mode(true);
-  std::map<OutputMap::Key, torch::Tensor> activations;
+  const EveryParameterRequiresGrad requiring(model);
   ScopedHooks scope(model);
-  scope.add(points,
-            HookFunction("").capture(false).editing_function([&](const torch::Tensor& x, HookContext& ctx) {
-              torch::Tensor kept = x.requires_grad() ? x : x.detach().requires_grad_(true);
-              activations[{ctx.module_name, ctx.hook_type}] = kept;
-              return kept;
-            }),
-            options.hook_type());
-  const torch::Tensor corrupt_logits = corrupt(scope.only());
-  const Metric judge = metric ? *metric : default_metric(clean_run.logits, corrupt_logits.detach());
-  const torch::Tensor value = judge(corrupt_logits);
-  PatchingResult result;
-  result.clean_metric = judge(clean_run.logits).item<double>();
-  result.corrupt_metric = value.item<double>();
-  std::vector<torch::Tensor> inputs;
   for (const auto& [name, type] : clean_run.cache.keys()) {
-    const auto found = activations.find({name, type});
-    FLEXMODEL_CHECK(found != activations.end(), ConfigError, "attribution_patching: '", name,
-                    "' ran in the clean forward but not in the corrupt one");
-    inputs.push_back(found->second);
+    scope.add(HookFunction(name), type);
+    scope.add(HookFunction(name), gradient_type);
   }
-  // autograd::grad, not backward: the model's parameters keep their .grad.
-  const auto gradients = torch::autograd::grad({value}, inputs, {}, /*retain_graph=*/false, /*create_graph=*/false,
-                                               /*allow_unused=*/true);
-  std::vector<torch::Tensor> rows;
-  for (std::size_t i = 0; i < inputs.size(); ++i) {
-    const auto& [name, type] = clean_run.cache.keys()[i];
-    const torch::Tensor& source = clean_run.cache.at(name, type);
-    const torch::Tensor corrupt_activation = inputs[i].detach();
-    check_same_shape(corrupt_activation, source, name);
-    const std::int64_t entries = entries_of(source, options, name);
-    // A metric that does not depend on an activation has no gradient there: it is 0.
-    const torch::Tensor gradient = gradients[i].defined() ? gradients[i] : torch::zeros_like(corrupt_activation);
-    torch::Tensor product = (gradient * (source.to(gradient.device(), gradient.scalar_type()) - corrupt_activation))
-                                .to(torch::kFloat64);
-    torch::Tensor per_entry;
-    if (options.heads()) {
-      FLEXMODEL_CHECK(product.size(-1) % entries == 0, ShapeError, "attribution_patching: the last dim of '", name,
-                      "' (", product.sizes(), ") is not a multiple of ", entries, " heads");
-      std::vector<std::int64_t> by_head(product.sizes().begin(), product.sizes().end() - 1);
-      by_head.push_back(entries);
-      by_head.push_back(product.size(-1) / entries);
-      per_entry = product.reshape(by_head).transpose(0, -2).reshape({entries, -1});
-    } else {
-      per_entry = product.transpose(0, 1).reshape({entries, -1});
+  const torch::Tensor corrupt_logits = corrupt(scope.only());
+  // Under dp every rank holds the whole logits, its own rows in its graph.
+  FLEXMODEL_CHECK(corrupt_logits.defined() && corrupt_logits.requires_grad(), ConfigError,
+                  "attribution_patching: the corrupt forward's logits carry no gradient; the model must compute them "
+                  "from its parameters with autograd (flexmodel::parallel's layers carry none between ranks)");
+  const Metric judge = metric ? *metric : default_metric(model, clean_run.logits, corrupt_logits.detach());
+  const torch::Tensor value = judge(corrupt_logits);
+  FLEXMODEL_CHECK(value.defined() && value.numel() == 1 && value.requires_grad(), ConfigError,
+                  "attribution_patching: the metric must return one value computed from the logits with autograd");
+  // autograd::grad, not backward: the parameters' .grad stay as they were.
+  torch::autograd::grad({value.reshape({})}, requiring.parameters(), {}, /*retain_graph=*/false,
+                        /*create_graph=*/false, /*allow_unused=*/true);
+  PatchingResult result;
+  result.clean_metric = metric_of(model, judge, clean_run.logits);
+  result.corrupt_metric = metric_of(model, judge, corrupt_logits.detach());
+  const auto table = decided_on_rank0(model.mesh().get(), [&] {
+    std::vector<torch::Tensor> rows;
+    for (const auto& [name, type] : clean_run.cache.keys()) {
+      const torch::Tensor& source = clean_run.cache.at(name, type);
+      const auto activation = activations.find(name);
+      FLEXMODEL_CHECK(activation != activations.end(), ConfigError, "attribution_patching: '", name,
+                      "' ran in the clean forward but not in the corrupt one");
+      check_same_shape(activation->second, source, name);
+      const torch::Tensor difference = (source - activation->second.to(source.scalar_type())).to(torch::kFloat64);
+      const auto gradient = gradients.find(name);
+      // Without a gradient the estimate would be the corrupt metric, which is right only where nothing differs.
+      FLEXMODEL_CHECK(gradient != gradients.end() || !difference.ne(0).any().item<bool>(), HookError,
+                      "attribution_patching: no gradient reached '", name, "' in the corrupt run's backward, though "
+                      "its clean and corrupt activations differ: the metric does not depend on it, or it depends on "
+                      "no parameter (a model input); use activation_patching for it");
+      const torch::Tensor product =
+          gradient == gradients.end() ? torch::zeros_like(difference) : gradient->second.to(torch::kFloat64) * difference;
+      const std::int64_t entries = entries_of(source, options, name);
+      std::vector<double> row;
+      for (std::int64_t entry = 0; entry < entries; ++entry) {
+        row.push_back(entry_slice(options, entry).take(product).sum().item<double>() + result.corrupt_metric);
+      }
+      rows.push_back(torch::tensor(row, torch::kFloat64));
     }
-    result.points.push_back(name);
-    rows.push_back(per_entry.sum(1).cpu() + result.corrupt_metric);
-  }
-  result.effect = torch::stack(rows);
+    return std::vector<torch::Tensor>{torch::stack(rows)};
+  });
+  for (const auto& [name, type] : clean_run.cache.keys()) result.points.push_back(name);
+  result.effect = table.front();
   return result;
 }
 

@@ -73,6 +73,10 @@ OutputMap::Series& series_of(ModelState& state, HookRecord& record) {
 // Gradient captures go to the sinks in the step of their forward, which stays
 // open until end_backward; one that comes later has no step to go to.
 void deliver_gradient(ModelState& state, OutputMap::Series& series, std::int64_t step, const torch::Tensor& snapshot) {
+  if (state.capture_tap) {
+    state.capture_tap(series.key.first, series.key.second, snapshot);
+    return;
+  }
   if (state.writes_sinks()) {
     const auto& [name, type] = series.key;
     FLEXMODEL_CHECK(step == state.open_gradient_step, HookError, "hook on '", name.empty() ? std::string(kRootName) : name,

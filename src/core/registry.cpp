@@ -490,6 +490,10 @@ void FlexModelBase::wrapped_module_requires_grad(bool requires_grad) {
   for (auto& [name, parameter] : adapter_->named_parameters()) parameter.requires_grad_(requires_grad);
 }
 
+std::vector<std::pair<std::string, torch::Tensor>> FlexModelBase::named_parameters() const {
+  return adapter_->named_parameters();
+}
+
 torch::Tensor FlexModelBase::get_module_parameter(const std::string& name, const ExpectedShape& expected_shape) const {
   auto parameters = adapter_->named_parameters();
   const torch::Tensor* parameter = find_named(parameters, name);

@@ -3,7 +3,6 @@
 #include <atomic>
 #include <exception>
 
-#include "flexmodel/dist.h"
 #include "flexmodel/logging.h"
 
 namespace flexmodel {
@@ -33,14 +32,9 @@ HookHandle ScopedHooks::add(HookFunction hook, HookType type) {
 }
 
 std::vector<HookHandle> ScopedHooks::add(const Pattern& pattern, const HookFunction& hook, HookType type) {
-  // A stage selects among its own modules: the stages would register different hooks.
-  FLEXMODEL_CHECK(model_.mesh() == nullptr || model_.mesh()->shape().pp == 1, ConfigError, "ScopedHooks: ",
-                  pattern.describe(), " under pipeline parallelism: add each hook by name, or use create_hook_group");
-  const auto names = model_.select_hook_points(pattern, type).names;
-  FLEXMODEL_CHECK(!names.empty(), ConfigError, "ScopedHooks: ", pattern.describe(), " selects no hook point for ",
-                  to_string(type), " hooks");
-  std::vector<HookHandle> added;
-  for (const auto& name : names) added.push_back(add(hook.with_module_name(name), type));
+  // The group's own selection: under pp it is collective and every stage registers the union.
+  std::vector<HookHandle> added = model_.create_hook_group(group_, pattern, hook, type);
+  handles_.insert(handles_.end(), added.begin(), added.end());
   return added;
 }
 

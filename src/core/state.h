@@ -193,6 +193,8 @@ struct ModelState {
   // end_backward does its work (collective under pp) only then.
   bool backward_outstanding = false;
   std::vector<GradientCapture> gradients_for_rank0;  // pipeline stages only
+  // Set by DivertedCaptures: where captures go instead of the output map and the sinks.
+  FlexModelBase::CaptureTap capture_tap;
 };
 
 // The forward running on this thread, read by every hookable call. Initial-exec:

@@ -1,5 +1,7 @@
 #include "dist/wire.h"
 
+#include "dist/routing.h"
+
 namespace flexmodel::detail {
 namespace {
 
@@ -63,6 +65,46 @@ std::vector<WireCapture> collect_at_rank0(const dist::Mesh& mesh, std::vector<Wi
     for (auto& capture : receive_captures(mesh.world(), source)) captures.push_back(std::move(capture));
   }
   return captures;
+}
+
+void share_from_rank0(const dist::Mesh& mesh, std::vector<WireCapture>& captures) {
+  const dist::MessageLabel label("what rank 0 shares with every rank");
+  dist::Communicator& world = mesh.world();
+  if (world.rank() != 0) {
+    captures = receive_captures(world, 0);
+    return;
+  }
+  for (int rank = 1; rank < world.size(); ++rank) send_captures(world, captures, rank);
+}
+
+std::vector<WireCapture> captures_decided_on_rank0(const dist::Mesh* mesh,
+                                                   const std::function<std::vector<WireCapture>()>& decide) {
+  if (mesh == nullptr || !mesh->distributed()) return decide();
+  std::vector<WireCapture> decided;
+  std::exception_ptr failure;
+  if (mesh->rank() == 0) {
+    try {
+      decided = decide();
+      for (auto& capture : decided) capture.tensor = capture.tensor.detach().cpu();
+    } catch (...) {
+      failure = std::current_exception();
+    }
+  }
+  agree_on_failure(mesh->world(), failure);
+  share_from_rank0(*mesh, decided);
+  return decided;
+}
+
+std::vector<torch::Tensor> decided_on_rank0(const dist::Mesh* mesh,
+                                            const std::function<std::vector<torch::Tensor>()>& decide) {
+  auto decided = captures_decided_on_rank0(mesh, [&] {
+    std::vector<WireCapture> captures;
+    for (auto& tensor : decide()) captures.push_back(WireCapture{"", HookType::forward, 0, std::move(tensor)});
+    return captures;
+  });
+  std::vector<torch::Tensor> tensors;
+  for (auto& capture : decided) tensors.push_back(std::move(capture.tensor));
+  return tensors;
 }
 
 }  // namespace flexmodel::detail

@@ -19,11 +19,15 @@
 #include "flexmodel/npy.h"
 #include "flexmodel/parallel.h"
 #include "flexmodel/torchscript.h"
+#include "mesh_shape.h"
 
 namespace flexmodel {
+
+dist::MeshShape testing::g_shape;
+
 namespace {
 
-dist::MeshShape g_shape;
+using testing::g_shape;
 
 // This rank's tensor-parallel index in a world that is one TP group.
 std::int64_t mesh_rank_of_tp() { return dist::world_rank() % g_shape.tp; }
@@ -593,7 +597,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: mpirun -np N %s TP PP DP\n", argv[0]);
     return 2;
   }
-  flexmodel::g_shape = {std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3])};
+  flexmodel::testing::g_shape = {std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3])};
   torch::set_num_threads(1);
   // Only rank 0 reports; every rank runs every test, since tests hold collectives.
   if (flexmodel::dist::world_rank() != 0) {
@@ -602,7 +606,7 @@ int main(int argc, char** argv) {
   }
   int failed = RUN_ALL_TESTS();
   // Any rank's failure fails the run.
-  auto mesh = flexmodel::dist::Mesh::create(flexmodel::g_shape);
+  auto mesh = flexmodel::dist::Mesh::create(flexmodel::testing::g_shape);
   auto results = mesh->world().all_gather_ints(failed);
   for (auto result : results) failed |= static_cast<int>(result);
   return failed;

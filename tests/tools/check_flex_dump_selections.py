@@ -122,6 +122,19 @@ def main(tool, fixtures, mpirun):
                 layer0 = getattr(model.layers, "0")(hidden)[0][:, -1:]
                 np.testing.assert_allclose(h5["activations/layers.0/forward"][rows], layer0.numpy(), rtol=0, atol=1e-5)
                 sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+        # The same generation under dp 2 and under tp 2 x pp 3 (the weights rebuilt as a ParallelGPT):
+        # rank 0 picks each token from the whole logits, every rank goes on with it.
+        for mesh in (["--dp", "2"], ["--tp", "2", "--pp", "3"]):
+            ranks = str(int(np.prod([int(size) for size in mesh[1::2]])))
+            meshed = os.path.join(scratch, "generated_mesh.h5")
+            result = run(*mpirun, "-np", ranks, tool, "--model", scripted, "--input", tokens, "--hooks", "layers.0",
+                         "--batch-size", "2", "--generate", "3", "--overwrite", "--out", meshed, *mesh)
+            assert result.returncode == 0, result.stdout + result.stderr
+            with h5py.File(generated, "r") as one, h5py.File(meshed, "r") as many:
+                np.testing.assert_array_equal(many["tokens"][()], one["tokens"][()], err_msg=str(mesh))
+                np.testing.assert_allclose(many["activations/layers.0/forward"][()],
+                                           one["activations/layers.0/forward"][()], rtol=0, atol=1e-5,
+                                           err_msg=str(mesh))
         result = run(tool, "--model", scripted, "--input", tokens, "--hooks", "layers.0", "--generate", "3",
                      "--positions", "0:2", "--out", os.path.join(scratch, "generate_refused.h5"))
         assert result.returncode != 0 and "--generate dumps each step's newest position" in result.stderr, result.stderr
@@ -136,8 +149,8 @@ def main(tool, fixtures, mpirun):
             np.testing.assert_allclose(parallel[point], single[point], rtol=0, atol=1e-6)
         with h5py.File(shared, "r") as h5:
             np.testing.assert_array_equal(h5["tokens"][()], ids)
-    print("flex-dump selections: positions, heads, unpack-idx, stopped forwards, tokens, generation and dp 2 match "
-          "PyTorch's")
+    print("flex-dump selections: positions, heads, unpack-idx, stopped forwards, tokens, generation (one process, "
+          "dp 2, tp 2 x pp 3) and dp 2 match PyTorch's")
 
 
 if __name__ == "__main__":
