@@ -83,6 +83,8 @@ class ActivationCache {
   friend std::unique_ptr<FlexModelBase::DivertedCaptures> detail::add_cache_hooks(FlexModelBase&, ScopedHooks&,
                                                                                    const Pattern&, ActivationCache&);
   const std::vector<torch::Tensor>& find(const std::string& module_name, HookType type) const;
+  // A ConfigError beginning with `what` on a rank whose cache rank 0 holds.
+  void check_filled_here(const std::string& what) const;
 
   CacheOptions options_;
   bool filled_on_another_rank_ = false;  // a rank other than 0 under a mesh

@@ -46,12 +46,16 @@ void ActivationCache::add(const std::string& module_name, HookType type, const t
 const std::vector<torch::Tensor>& ActivationCache::find(const std::string& module_name, HookType type) const {
   const auto found = tensors_.find(Key(module_name, type));
   if (found != tensors_.end()) return found->second;
-  FLEXMODEL_CHECK(!filled_on_another_rank_, ConfigError, "the cache has nothing of '", module_name,
-                  "': under a mesh run_with_cache fills the cache on rank 0; read it there");
+  check_filled_here(detail::concat("the cache has nothing of '", module_name, "'"));
   std::string held;
   for (const auto& [name, kind] : order_) held += detail::concat(held.empty() ? "" : ", ", "'", name, "' (", to_string(kind), ")");
   FLEXMODEL_FAIL(ConfigError, "the cache has nothing of '", module_name, "' (", to_string(type), "); it holds ",
                  held.empty() ? std::string("nothing") : held);
+}
+
+void ActivationCache::check_filled_here(const std::string& what) const {
+  FLEXMODEL_CHECK(!filled_on_another_rank_, ConfigError, what,
+                  ": under a mesh run_with_cache fills the cache on rank 0; read or save it there");
 }
 
 const torch::Tensor& ActivationCache::at(const std::string& module_name, HookType type) const {
@@ -70,6 +74,7 @@ bool ActivationCache::contains(const std::string& module_name, HookType type) co
 }
 
 torch::Tensor ActivationCache::stack(const Pattern& pattern, HookType type) const {
+  check_filled_here(detail::concat("cache.stack(", pattern.describe(), ")"));
   std::vector<torch::Tensor> picked;
   std::string first;
   for (const auto& [name, kind] : order_) {
@@ -87,6 +92,7 @@ torch::Tensor ActivationCache::stack(const Pattern& pattern, HookType type) cons
 }
 
 void ActivationCache::save(const std::string& path, io::HDF5WriterOptions options) const {
+  check_filled_here(detail::concat("cache.save('", path, "')"));
   io::HDF5Writer writer(path, std::move(options));
   for (const auto& key : order_) {
     for (const auto& tensor : tensors_.at(key)) writer.write(key.first, key.second, 0, tensor.cpu());

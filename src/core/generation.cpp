@@ -8,6 +8,7 @@
 
 #include "flexmodel/dist.h"
 #include "core/state.h"
+#include "dist/routing.h"
 #include "dist/wire.h"
 
 namespace flexmodel {
@@ -59,6 +60,11 @@ torch::Tensor run_loop(const FlexModelBase& model, const torch::Tensor& prompt, 
                   prompt.sizes());
   FLEXMODEL_CHECK(options.max_new_tokens() >= 0 && options.temperature() > 0 && options.top_k() >= 0, ConfigError,
                   "generate: max_new_tokens and top_k must not be negative, temperature must be positive");
+  if (model.mesh() != nullptr && model.mesh()->distributed()) {
+    // Each rank goes on from its own prompt with rank 0's tokens.
+    detail::check_same_across(model.mesh()->world(), prompt,
+                              "generate: the prompt differs across ranks; under a mesh every rank passes the same one");
+  }
   torch::NoGradGuard no_grad;
   Sampler sampler(options);
   torch::Tensor ids = prompt;

@@ -1,7 +1,9 @@
 #include "flexmodel/patching.h"
 
 #include <algorithm>
+#include <exception>
 #include <map>
+#include <set>
 
 #include <torch/autograd.h>
 
@@ -9,6 +11,7 @@
 #include "flexmodel/dist.h"
 #include "flexmodel/logging.h"
 #include "flexmodel/scoped_hooks.h"
+#include "dist/routing.h"
 #include "dist/wire.h"
 
 namespace flexmodel {
@@ -145,29 +148,6 @@ void check_same_shape(const torch::Tensor& corrupt, const torch::Tensor& clean, 
                   " in the clean one; give prompts of one length");
 }
 
-// While it lives every parameter of the model requires grad, so that every
-// activation that depends on one has a gradient; then each is as it was.
-class EveryParameterRequiresGrad {
- public:
-  explicit EveryParameterRequiresGrad(const FlexModelBase& model) {
-    for (auto& [name, parameter] : model.named_parameters()) {
-      was_.push_back(parameter.requires_grad());
-      parameters_.push_back(parameter);
-      parameter.requires_grad_(true);
-    }
-  }
-  EveryParameterRequiresGrad(const EveryParameterRequiresGrad&) = delete;
-  EveryParameterRequiresGrad& operator=(const EveryParameterRequiresGrad&) = delete;
-  ~EveryParameterRequiresGrad() {
-    for (std::size_t i = 0; i < parameters_.size(); ++i) parameters_[i].requires_grad_(was_[i]);
-  }
-  const std::vector<torch::Tensor>& parameters() const { return parameters_; }
-
- private:
-  std::vector<torch::Tensor> parameters_;
-  std::vector<bool> was_;
-};
-
 }  // namespace
 
 PatchingResult activation_patching(FlexModelBase& model, const Pattern& points, const LogitsRun& clean,
@@ -212,6 +192,145 @@ PatchingResult activation_patching(FlexModelBase& model, const Pattern& points, 
   return result;
 }
 
+namespace {
+
+// The corrupt run of attribution patching: each chosen point's activation and
+// the metric's gradient with respect to it, per call, on rank 0 (or in the
+// one process), and the metric.
+struct CorruptRun {
+  std::map<std::string, std::vector<torch::Tensor>> activations, gradients;
+  torch::Tensor logits;  // detached
+  Metric judge;
+};
+
+void check_carries_gradient(const torch::Tensor& logits) {
+  FLEXMODEL_CHECK(logits.defined() && logits.requires_grad(), ConfigError,
+                  "attribution_patching: the corrupt forward's logits carry no gradient; the model must compute them "
+                  "from the hooked activations with autograd (flexmodel::parallel's layers carry none between ranks)");
+}
+
+// One process: each activation stays in the graph (one that does not require
+// grad, of a frozen model, becomes a leaf that does) and autograd::grad takes
+// the metric's gradient with respect to them. A floating-point activation the
+// metric does not depend on gets a zero gradient.
+CorruptRun corrupt_in_one_process(FlexModelBase& model, const CleanRun& clean_run, const LogitsRun& corrupt,
+                                  const std::optional<Metric>& metric) {
+  CorruptRun run;
+  std::vector<std::pair<std::string, torch::Tensor>> kept;
+  torch::AutoGradMode grad_mode(true);
+  ScopedHooks scope(model);
+  for (const auto& [name, type] : clean_run.cache.keys()) {
+    scope.add(HookFunction(name).capture(false).editing_function([&kept, name = name](const torch::Tensor& x) {
+                const bool leaf = !x.requires_grad() && x.is_floating_point();
+                kept.emplace_back(name, leaf ? x.detach().requires_grad_(true) : x);
+                return kept.back().second;
+              }),
+              type);
+  }
+  const torch::Tensor logits = corrupt(scope.only());
+  check_carries_gradient(logits);
+  run.logits = detached(logits);
+  run.judge = metric ? *metric : default_metric(model, clean_run.logits, run.logits);
+  const torch::Tensor value = run.judge(logits);
+  FLEXMODEL_CHECK(value.defined() && value.numel() == 1 && value.requires_grad(), ConfigError,
+                  "attribution_patching: the metric must return one value computed from the logits with autograd");
+  std::vector<torch::Tensor> inputs;
+  for (const auto& [name, activation] : kept) {
+    run.activations[name].push_back(activation.detach());
+    if (activation.requires_grad()) inputs.push_back(activation);
+  }
+  // autograd::grad, not backward: the model's parameters keep their .grad.
+  const auto gradients = inputs.empty() ? std::vector<torch::Tensor>()
+                                        : torch::autograd::grad({value.reshape({})}, inputs, {}, /*retain_graph=*/false,
+                                                                /*create_graph=*/false, /*allow_unused=*/true);
+  std::size_t next = 0;
+  for (const auto& [name, activation] : kept) {
+    if (!activation.requires_grad()) continue;
+    const torch::Tensor& gradient = gradients[next++];
+    run.gradients[name].push_back(gradient.defined() ? gradient : torch::zeros_like(activation));
+  }
+  return run;
+}
+
+// While it lives every floating-point parameter of the model requires grad
+// (each tied tensor once), so that every activation that depends on one has
+// a gradient; then each is as it was, also when the run fails.
+class EveryParameterRequiresGrad {
+ public:
+  explicit EveryParameterRequiresGrad(const FlexModelBase& model) {
+    std::set<const void*> seen;
+    for (auto& [name, parameter] : model.named_parameters()) {
+      if (!parameter.is_floating_point() || !seen.insert(parameter.unsafeGetTensorImpl()).second) continue;
+      parameters_.push_back(parameter);
+      was_.push_back(parameter.requires_grad());
+    }
+    for (auto& parameter : parameters_) parameter.requires_grad_(true);
+  }
+  EveryParameterRequiresGrad(const EveryParameterRequiresGrad&) = delete;
+  EveryParameterRequiresGrad& operator=(const EveryParameterRequiresGrad&) = delete;
+  ~EveryParameterRequiresGrad() {
+    for (std::size_t i = 0; i < parameters_.size(); ++i) parameters_[i].requires_grad_(was_[i]);
+  }
+  const std::vector<torch::Tensor>& parameters() const { return parameters_; }
+
+ private:
+  std::vector<torch::Tensor> parameters_;
+  std::vector<bool> was_;
+};
+
+// Under dp: the editing function of one process would run on rank 0 alone,
+// outside the other ranks' graphs. Gradient hooks see the one-process
+// gradient of each activation instead; with every parameter requiring grad,
+// each activation that depends on one has a gradient (one that depends on
+// none, a model input, gets none).
+CorruptRun corrupt_under_dp(FlexModelBase& model, const CleanRun& clean_run, const LogitsRun& corrupt,
+                            const std::optional<Metric>& metric, const PatchingOptions& options) {
+  CorruptRun run;
+  const HookType gradient_type =
+      options.hook_type() == HookType::forward ? HookType::full_backward_pre : HookType::full_backward;
+  FlexModelBase::DivertedCaptures diverted(model, [&](const std::string& name, HookType type, const torch::Tensor& x) {
+    (type == gradient_type ? run.gradients : run.activations)[name].push_back(x);
+  });
+  torch::AutoGradMode grad_mode(true);
+  const EveryParameterRequiresGrad requiring(model);
+  ScopedHooks scope(model);
+  for (const auto& [name, type] : clean_run.cache.keys()) {
+    scope.add(HookFunction(name), type);
+    scope.add(HookFunction(name), gradient_type);
+  }
+  // Every rank holds the whole logits, its own rows in its graph.
+  const torch::Tensor logits = corrupt(scope.only());
+  run.logits = detached(logits);
+  run.judge = metric ? *metric : default_metric(model, clean_run.logits, run.logits);
+  torch::Tensor value;
+  std::exception_ptr failure;
+  try {
+    check_carries_gradient(logits);
+    value = run.judge(logits);
+    FLEXMODEL_CHECK(value.defined() && value.numel() == 1 && value.requires_grad(), ConfigError,
+                    "attribution_patching: the metric must return one value computed from the logits with autograd");
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  // The backward's hooks are collective: every rank runs it, or none.
+  agree_on_failure(model.mesh()->world(), failure);
+  // autograd::grad, not backward: the parameters' .grad stay as they were.
+  torch::autograd::grad({value.reshape({})}, requiring.parameters(), {}, /*retain_graph=*/false,
+                        /*create_graph=*/false, /*allow_unused=*/true);
+  return run;
+}
+
+// The one call of `name` in `calls`, or nullptr when it has none.
+const torch::Tensor* only_call(const std::map<std::string, std::vector<torch::Tensor>>& calls, const std::string& name) {
+  const auto found = calls.find(name);
+  if (found == calls.end()) return nullptr;
+  FLEXMODEL_CHECK(found->second.size() == 1, HookError, "attribution_patching: '", name, "' ran ", found->second.size(),
+                  " times in the corrupt forward but once in the clean one; patch hook points that run once");
+  return &found->second.front();
+}
+
+}  // namespace
+
 PatchingResult attribution_patching(FlexModelBase& model, const Pattern& points, const LogitsRun& clean,
                                     const LogitsRun& corrupt, const std::optional<Metric>& metric,
                                     const PatchingOptions& options) {
@@ -224,53 +343,30 @@ PatchingResult attribution_patching(FlexModelBase& model, const Pattern& points,
     torch::NoGradGuard no_grad;
     return run_clean(model, points, clean, options);
   }();
-  // The corrupt run captures each chosen activation and its gradient, which
-  // the hooks bring whole to rank 0 under dp, as any gradient hook's.
-  const HookType gradient_type =
-      options.hook_type() == HookType::forward ? HookType::full_backward_pre : HookType::full_backward;
-  std::map<std::string, torch::Tensor> activations, gradients;
-  FlexModelBase::DivertedCaptures diverted(model, [&](const std::string& name, HookType type, const torch::Tensor& x) {
-    (type == gradient_type ? gradients : activations)[name] = x;
-  });
-  torch::AutoGradMode grad_mode(true);
-  const EveryParameterRequiresGrad requiring(model);
-  ScopedHooks scope(model);
-  for (const auto& [name, type] : clean_run.cache.keys()) {
-    scope.add(HookFunction(name), type);
-    scope.add(HookFunction(name), gradient_type);
-  }
-  const torch::Tensor corrupt_logits = corrupt(scope.only());
-  // Under dp every rank holds the whole logits, its own rows in its graph.
-  FLEXMODEL_CHECK(corrupt_logits.defined() && corrupt_logits.requires_grad(), ConfigError,
-                  "attribution_patching: the corrupt forward's logits carry no gradient; the model must compute them "
-                  "from its parameters with autograd (flexmodel::parallel's layers carry none between ranks)");
-  const Metric judge = metric ? *metric : default_metric(model, clean_run.logits, corrupt_logits.detach());
-  const torch::Tensor value = judge(corrupt_logits);
-  FLEXMODEL_CHECK(value.defined() && value.numel() == 1 && value.requires_grad(), ConfigError,
-                  "attribution_patching: the metric must return one value computed from the logits with autograd");
-  // autograd::grad, not backward: the parameters' .grad stay as they were.
-  torch::autograd::grad({value.reshape({})}, requiring.parameters(), {}, /*retain_graph=*/false,
-                        /*create_graph=*/false, /*allow_unused=*/true);
+  const CorruptRun run = distributed(model) ? corrupt_under_dp(model, clean_run, corrupt, metric, options)
+                                            : corrupt_in_one_process(model, clean_run, corrupt, metric);
   PatchingResult result;
-  result.clean_metric = metric_of(model, judge, clean_run.logits);
-  result.corrupt_metric = metric_of(model, judge, corrupt_logits.detach());
+  result.clean_metric = metric_of(model, run.judge, clean_run.logits);
+  result.corrupt_metric = metric_of(model, run.judge, run.logits);
   const auto table = decided_on_rank0(model.mesh().get(), [&] {
     std::vector<torch::Tensor> rows;
     for (const auto& [name, type] : clean_run.cache.keys()) {
       const torch::Tensor& source = clean_run.cache.at(name, type);
-      const auto activation = activations.find(name);
-      FLEXMODEL_CHECK(activation != activations.end(), ConfigError, "attribution_patching: '", name,
+      const torch::Tensor* activation = only_call(run.activations, name);
+      FLEXMODEL_CHECK(activation != nullptr, ConfigError, "attribution_patching: '", name,
                       "' ran in the clean forward but not in the corrupt one");
-      check_same_shape(activation->second, source, name);
-      const torch::Tensor difference = (source - activation->second.to(source.scalar_type())).to(torch::kFloat64);
-      const auto gradient = gradients.find(name);
+      check_same_shape(*activation, source, name);
+      const torch::Tensor difference =
+          (source - activation->to(source.device(), source.scalar_type())).to(torch::kFloat64);
+      const torch::Tensor* gradient = only_call(run.gradients, name);
       // Without a gradient the estimate would be the corrupt metric, which is right only where nothing differs.
-      FLEXMODEL_CHECK(gradient != gradients.end() || !difference.ne(0).any().item<bool>(), HookError,
+      FLEXMODEL_CHECK(gradient != nullptr || !difference.ne(0).any().item<bool>(), HookError,
                       "attribution_patching: no gradient reached '", name, "' in the corrupt run's backward, though "
-                      "its clean and corrupt activations differ: the metric does not depend on it, or it depends on "
-                      "no parameter (a model input); use activation_patching for it");
-      const torch::Tensor product =
-          gradient == gradients.end() ? torch::zeros_like(difference) : gradient->second.to(torch::kFloat64) * difference;
+                      "its clean and corrupt activations differ: it depends on no parameter (a model input) or is "
+                      "not floating-point; use activation_patching for it");
+      const torch::Tensor product = gradient == nullptr
+                                        ? torch::zeros_like(difference)
+                                        : gradient->to(difference.device(), torch::kFloat64) * difference;
       const std::int64_t entries = entries_of(source, options, name);
       std::vector<double> row;
       for (std::int64_t entry = 0; entry < entries; ++entry) {

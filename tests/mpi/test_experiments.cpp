@@ -66,10 +66,15 @@ TEST_F(ExperimentsTest, RunWithCacheFillsRank0WithTheOneProcessActivationsInForw
   // Only the run's own hooks ran, and they are gone; nothing reached the output map.
   EXPECT_TRUE(fm->hooks().empty());
   EXPECT_TRUE(fm->outputs().empty());
+  // Captures go to the output map again afterwards.
+  fm->register_forward_hook(HookFunction("layers.3"));
+  fm->forward(tokens);
+  if (root()) EXPECT_TRUE(fm->outputs().contains("layers.3"));
   const ActivationCache& cache = ours.second;
   if (!root()) {
     EXPECT_EQ(cache.size(), 0u);
     EXPECT_NE(error_of([&] { cache.at("layers.0"); }).find("fills the cache on rank 0"), std::string::npos);
+    EXPECT_NE(error_of([&] { cache.save("never.h5"); }).find("read or save it there"), std::string::npos);
     return;
   }
   EXPECT_TRUE(torch::allclose(ours.first, expected.first, 1e-5, 1e-5));
@@ -128,6 +133,14 @@ TEST_F(ExperimentsTest, ActivationPatchingGivesEveryRankTheOneProcessTable) {
   }
   EXPECT_TRUE(fm->hooks().empty());
   EXPECT_TRUE(fm->outputs().empty());
+  // A metric that fails runs on rank 0 alone; every rank raises its error and goes on.
+  const Metric two_values = [](const torch::Tensor& logits) { return logits.sum(-1).flatten().narrow(0, 0, 2); };
+  EXPECT_NE(error_of([&] { activation_patching(*fm, "layers.3", tokens, corrupt, two_values); })
+                .find("it must return one value"),
+            std::string::npos);
+  EXPECT_TRUE(fm->hooks().empty());
+  const torch::Tensor logits = fm->forward(tokens);
+  if (root()) EXPECT_TRUE(torch::allclose(logits, full->forward(tokens), 1e-5, 1e-5));
 }
 
 // Attribution needs a backward through the model, which flexmodel::parallel's
@@ -135,6 +148,8 @@ TEST_F(ExperimentsTest, ActivationPatchingGivesEveryRankTheOneProcessTable) {
 // where tp or pp split the model, and after the corrupt forward otherwise; the
 // next forward runs. (The TorchScript test below runs it under dp.)
 TEST_F(ExperimentsTest, AttributionPatchingOfTheParallelLayersIsRefusedOnEveryRank) {
+  // Frozen weights stay frozen when the run fails.
+  for (auto& parameter : sharded->parameters()) parameter.requires_grad_(false);
   const std::int64_t before = fm->forwards_run();
   const std::string error = error_of([&] { attribution_patching(*fm, "layers.*", tokens, corrupt, metric); });
   if (g_shape.tp != 1 || g_shape.pp != 1) {
@@ -144,7 +159,10 @@ TEST_F(ExperimentsTest, AttributionPatchingOfTheParallelLayersIsRefusedOnEveryRa
     EXPECT_NE(error.find("the corrupt forward's logits carry no gradient"), std::string::npos) << error;
   }
   EXPECT_TRUE(fm->hooks().empty());
-  for (const auto& parameter : sharded->parameters()) EXPECT_FALSE(parameter.grad().defined());
+  for (const auto& parameter : sharded->parameters()) {
+    EXPECT_FALSE(parameter.requires_grad());
+    EXPECT_FALSE(parameter.grad().defined());
+  }
   const torch::Tensor logits = fm->forward(tokens);
   if (root()) EXPECT_TRUE(torch::allclose(logits, full->forward(tokens), 1e-5, 1e-5));
 }
