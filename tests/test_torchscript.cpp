@@ -11,51 +11,15 @@
 #include "flexmodel/hooks/editing.h"
 #include "flexmodel/npy.h"
 #include "flexmodel/torchscript.h"
+#include "fixture_reference.h"
 #include "test_models.h"
 
 namespace flexmodel {
 namespace {
 
 using testing::error_of;
-
-const std::string kFixtures = FLEXMODEL_FIXTURE_DIR;
-
-struct Reference {
-  std::map<std::string, torch::Tensor> tensors;
-  torch::Tensor tokens;
-
-  static const Reference& get() {
-    static const Reference reference = [] {
-      Reference loaded;
-      auto store = torch::jit::load(kFixtures + "/reference.pt");
-      for (const auto& entry : store.attr("tensors").toGenericDict()) {
-        loaded.tensors[entry.key().toStringRef()] = entry.value().toTensor();
-      }
-      loaded.tokens = loaded.tensors.at("tokens");
-      return loaded;
-    }();
-    return reference;
-  }
-
-  // (hook type, module, leaf) for every capture PyTorch's hooks made.
-  struct Capture {
-    HookType type;
-    std::string module;
-    std::size_t leaf;
-    std::string key;
-  };
-  std::vector<Capture> captures() const {
-    std::vector<Capture> out;
-    for (const auto& [key, tensor] : tensors) {
-      auto first = key.find('|'), second = key.rfind('|');
-      if (first == std::string::npos || first == second) continue;
-      auto kind = key.substr(0, first);
-      out.push_back({kind == "forward" ? HookType::forward : HookType::forward_pre,
-                     key.substr(first + 1, second - first - 1), std::stoul(key.substr(second + 1)), key});
-    }
-    return out;
-  }
-};
+using testing::kFixtures;
+using testing::Reference;
 
 class TorchScriptTest : public ::testing::TestWithParam<std::string> {
  protected:

@@ -1,7 +1,8 @@
-// flex-inspect MODEL.pt [--input INPUT.npy ...] [--json]
+// flex-inspect MODEL.pt [--input INPUT.npy ...] [--values] [--json]
 // Prints a TorchScript model's module tree (types, parameter shapes) and, given
 // inputs, the shapes and dtypes every hook point sees in one forward, so that
-// a user finds the names to hook.
+// a user finds the names to hook; --values lists each module's value hook
+// points (`<module>::<value>`: op, name, and given inputs shape and dtype).
 #include <algorithm>
 #include <iostream>
 #include <map>
@@ -37,7 +38,25 @@ std::string facts_text(const json& leaves) {
   return text.empty() ? "-" : text;
 }
 
-json inspect(const std::string& model_path, const std::vector<std::string>& input_paths) {
+// Each value hook point of each module whose hooks can fire, in graph order.
+void add_values(flexmodel::ScriptFlexModel& fm, json& report) {
+  for (auto& module : report["modules"]) {
+    if (!module["hookable"].get<bool>()) continue;
+    const std::string name = module["name"].get<std::string>().empty() ? std::string(flexmodel::kRootName)
+                                                                       : module["name"].get<std::string>();
+    module["values"] = json::array();
+    for (const auto& value : fm.value_points(name)) {
+      json entry{{"op", value.op}, {"name", value.name}, {"kind", value.kind}};
+      // A name a later value took reaches that one: this value is reached by its op only.
+      if (!value.name.empty() && !value.name_is_last) entry["name_reaches_a_later_value"] = true;
+      entry["point"] = name + std::string(flexmodel::kValueSeparator) +
+                       (value.op.empty() ? value.name : value.op);
+      module["values"].push_back(std::move(entry));
+    }
+  }
+}
+
+json inspect(const std::string& model_path, const std::vector<std::string>& input_paths, bool values) {
   flexmodel::ScriptFlexModel fm(model_path);
   const torch::jit::Module& model = fm.module();
   // What a mesh may ask of it: a TorchScript model splits over data-parallel
@@ -62,6 +81,7 @@ json inspect(const std::string& model_path, const std::vector<std::string>& inpu
     }
     report["modules"].push_back(std::move(module));
   }
+  if (values) add_values(fm, report);
   if (input_paths.empty()) return report;
 
   std::vector<torch::IValue> inputs;
@@ -69,6 +89,11 @@ json inspect(const std::string& model_path, const std::vector<std::string>& inpu
   for (const auto& name : selection.names) {
     for (auto type : {flexmodel::HookType::forward, flexmodel::HookType::forward_pre}) {
       fm.register_hook_function(flexmodel::HookFunction(name).unpack_idx(flexmodel::HookFunction::kAllLeaves), type);
+    }
+  }
+  for (const auto& module : report["modules"]) {
+    for (const auto& value : module.value("values", json::array())) {
+      fm.register_forward_hook(flexmodel::HookFunction(value["point"].get<std::string>()));
     }
   }
   fm.record_leaf_names(true);
@@ -86,8 +111,54 @@ json inspect(const std::string& model_path, const std::vector<std::string>& inpu
         module[key].push_back(tensor_facts(tensors[i], i < leaves.size() ? leaves[i] : std::string()));
       }
     }
+    if (!module.contains("values")) continue;
+    for (auto& value : module["values"]) {
+      // A value on a branch that did not run has no shape.
+      const std::string point = value["point"];
+      if (!fm.outputs().contains(point)) continue;
+      const torch::Tensor& tensor = fm.outputs().at(point).front();
+      value["shape"] = tensor.sizes().vec();
+      value["dtype"] = flexmodel::dtype_name(tensor.scalar_type());
+    }
   }
   return report;
+}
+
+// Columns as wide as their widest cell, so long names never run together.
+void print_rows(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> widths(rows.front().size(), 0);
+  for (const auto& row : rows) {
+    for (std::size_t c = 0; c < row.size(); ++c) widths[c] = std::max(widths[c], row[c].size());
+  }
+  for (const auto& row : rows) {
+    std::string line;
+    for (std::size_t c = 0; c < row.size(); ++c) {
+      line += row[c];
+      if (c + 1 < row.size()) line += std::string(widths[c] - row[c].size() + 2, ' ');
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    std::cout << line << "\n";
+  }
+}
+
+// One table per module: every value hook point, with its op, name and what it held.
+void print_values(const json& report) {
+  for (const auto& module : report["modules"]) {
+    if (!module.contains("values") || module["values"].empty()) continue;
+    const std::string name = module["name"].get<std::string>().empty() ? "(root)" : module["name"].get<std::string>();
+    std::cout << "\nvalues of " << name << ":\n";
+    std::vector<std::vector<std::string>> rows{{"OP", "NAME", "OPERATOR", "TENSOR"}};
+    for (const auto& value : module["values"]) {
+      std::string named = value["name"].get<std::string>();
+      if (value.value("name_reaches_a_later_value", false)) named += " (the name reaches a later value)";
+      std::string tensor = "-";
+      if (value.contains("shape")) tensor = facts_text(json::array({json{{"leaf", ""}, {"shape", value["shape"]},
+                                                                         {"dtype", value["dtype"]}}}));
+      rows.push_back({value["op"].get<std::string>().empty() ? "-" : value["op"].get<std::string>(),
+                      named.empty() ? "-" : named, value["kind"].get<std::string>(), tensor});
+    }
+    print_rows(rows);
+  }
 }
 
 void print_text(const json& report) {
@@ -121,22 +192,10 @@ void print_text(const json& report) {
       notes.push_back(name + ": called as .forward(...): flexmodel's hooks fire here, PyTorch's own hooks would not");
     }
   }
-  // Columns as wide as their widest cell, so long names never run together.
-  std::vector<std::size_t> widths(rows.front().size(), 0);
-  for (const auto& row : rows) {
-    for (std::size_t c = 0; c < row.size(); ++c) widths[c] = std::max(widths[c], row[c].size());
-  }
-  for (const auto& row : rows) {
-    std::string line;
-    for (std::size_t c = 0; c < row.size(); ++c) {
-      line += row[c];
-      if (c + 1 < row.size()) line += std::string(widths[c] - row[c].size() + 2, ' ');
-    }
-    while (!line.empty() && line.back() == ' ') line.pop_back();
-    std::cout << line << "\n";
-  }
+  print_rows(rows);
   if (!notes.empty()) std::cout << "\nnot hook points, and calls PyTorch's hooks miss:\n";
   for (const auto& note : notes) std::cout << "  " << note << "\n";
+  print_values(report);
 }
 
 }  // namespace
@@ -148,12 +207,16 @@ int main(int argc, char** argv) {
   std::string model_path;
   std::vector<std::string> input_paths;
   bool as_json = false;
+  bool values = false;
   app.add_option("model", model_path, "TorchScript file (torch.jit.save output)")->required();
   app.add_option("--input", input_paths, ".npy file for each forward argument, in order");
+  app.add_flag("--values", values,
+               "list each module's value hook points (<module>::<op>.<k> or <module>::<name>), with shapes when "
+               "given inputs");
   app.add_flag("--json", as_json, "print JSON instead of a table");
   CLI11_PARSE(app, argc, argv);
   try {
-    json report = inspect(model_path, input_paths);
+    json report = inspect(model_path, input_paths, values);
     if (as_json) {
       std::cout << report.dump(2) << "\n";
     } else {

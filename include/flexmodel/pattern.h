@@ -11,6 +11,9 @@ namespace flexmodel {
 // How files and tools name the root module, whose name in named_modules() is
 // empty; accepted wherever a module name or pattern is.
 inline constexpr std::string_view kRootName = "(root)";
+// Between a module's name and one of its values in a value hook point's name
+// (`layers.0.attn::softmax.0`); `::` never occurs in a module name.
+inline constexpr std::string_view kValueSeparator = "::";
 
 class Pattern {
  public:

@@ -1,5 +1,6 @@
 // FlexModel over TorchScript: the model a C++ user loads from a .pt file,
-// hooked without changing it. Hook points are the names of named_modules().
+// hooked without changing it. Hook points are the names of named_modules()
+// and the values their forwards compute (`layers.0.attn::softmax.0`).
 //
 //   flexmodel::FlexModel fm(flexmodel::load_torchscript("gpt.pt"));
 //   fm.register_forward_hook(flexmodel::HookFunction("layers.0.mlp"));
@@ -38,6 +39,15 @@ torch::jit::Module load_torchscript(const std::string& path);
 //   torch::Tensor logits = flexmodel::first_tensor(fm.forward({tokens}));
 torch::Tensor first_tensor(const torch::IValue& output);
 
+// A value hook point of a module's own forward, reached as `<module>::<op>`
+// or `<module>::<name>` (the README's "Value hook points" says how names form).
+struct ValueInfo {
+  std::string op;            // "softmax.0"; empty when only its name reaches it
+  std::string name;          // the Python variable's ("probs"); empty when it has none
+  bool name_is_last = true;  // false: a later value has the same name, and the name reaches that one
+  std::string kind;          // the operator, "aten::softmax"
+};
+
 template <>
 class FlexModel<torch::jit::Module> : public FlexModelBase {
  public:
@@ -53,6 +63,10 @@ class FlexModel<torch::jit::Module> : public FlexModelBase {
   bool run_to_last_hook(const Groups& groups, std::vector<torch::IValue> inputs);
 
   const torch::jit::Module& module() const { return module_; }
+
+  // The value hook points of module `module_name` ("(root)" for the root) in
+  // graph order; a ConfigError when its hooks could never fire.
+  std::vector<ValueInfo> value_points(const std::string& module_name) const;
 
   // Whether the forward calls `module_name` as child.forward(...): flexmodel's
   // hooks fire there, PyTorch's own hooks would not.

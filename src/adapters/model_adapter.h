@@ -53,6 +53,8 @@ class ModelAdapter {
     return "if the module runs, it is called around the library (impl->forward(...)); call it through its "
            "hookable holder or flexmodel::call";
   }
+  // Every value hook point (`<module>::<value>`) the model offers; none by default.
+  virtual std::vector<std::string> value_point_names() const { return {}; }
   virtual NamedTensors named_parameters() const = 0;
   virtual NamedTensors named_buffers() const = 0;
   virtual const void* root_key() const = 0;

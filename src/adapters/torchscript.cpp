@@ -1,6 +1,8 @@
 // TorchScript models: a rewritten copy of the root forward graph in which every
 // call to a hooked module is inlined down to that module's own call site, and
-// one `flexmodel::hook` operator sits on the call's inputs and/or output.
+// one `flexmodel::hook` operator sits on the call's inputs and/or output; a
+// module with hooked values (script_values.h) is inlined too, with an
+// operator after each hooked value.
 #include "flexmodel/torchscript.h"
 
 #include <filesystem>
@@ -16,6 +18,7 @@
 
 #include "flexmodel/logging.h"
 #include "adapters/model_adapter.h"
+#include "adapters/script_values.h"
 
 namespace flexmodel {
 namespace detail {
@@ -198,17 +201,25 @@ void for_each_call(jit::Block* block, Visit&& visit) {
   }
 }
 
-// The first call whose receiver lies above a hooked module, or nullptr.
-jit::Node* call_towards(jit::Graph& graph, const std::vector<HookPointUse>& uses) {
+// A module whose calls must be inlined: those above it, and its own when its
+// values are hooked.
+struct InlineTarget {
+  std::string path;
+  bool itself = false;
+};
+
+// The first call whose receiver must be inlined for `targets`, with its
+// receiver's path; nullptr when there is none.
+std::pair<jit::Node*, std::string> call_towards(jit::Graph& graph, const std::vector<InlineTarget>& targets) {
   ModulePaths paths = module_paths(graph);
-  jit::Node* found = nullptr;
+  std::pair<jit::Node*, std::string> found{nullptr, ""};
   for_each_call(graph.block(), [&](jit::Node* call) {
-    if (found != nullptr) return;
+    if (found.first != nullptr) return;
     auto receiver = paths.find(call->input(0));
     if (receiver == paths.end()) return;
-    for (const auto& use : uses) {
-      if (is_strict_ancestor(receiver->second, use.name)) {
-        found = call;
+    for (const auto& target : targets) {
+      if (is_strict_ancestor(receiver->second, target.path) || (target.itself && receiver->second == target.path)) {
+        found = {call, receiver->second};
         return;
       }
     }
@@ -244,6 +255,16 @@ void instrument_call(jit::Graph& graph, jit::Node* call, const HookPointUse& use
     jit::Value* output = call->output();
     jit::Value* hooked = insert_hook(graph, output, use.key, false);
     output->replaceAllUsesAfterNodeWith(hooked->node(), hooked);
+  }
+}
+
+// An operator after each of `indices`' values in `own`, which later uses then read.
+void hook_values(OwnGraph& own, const std::vector<std::pair<std::size_t, const void*>>& hooked) {
+  for (const auto& [index, key] : hooked) {
+    jit::Value* value = own.values[index];
+    jit::WithInsertPoint after(value->node()->next());
+    jit::Value* hooked_value = insert_hook(*own.graph, value, key, false);
+    value->replaceAllUsesAfterNodeWith(hooked_value->node(), hooked_value);
   }
 }
 
@@ -320,6 +341,8 @@ class ScriptAdapter final : public ModelAdapter {
   }
 
   HookPoint hook_point(const std::string& name) const override {
+    std::string owner, value;
+    if (split_value_name(name, owner, value)) return value_hook_point(name, owner == kRootName ? "" : owner, value);
     auto found = modules_.find(name);
     FLEXMODEL_CHECK(found != modules_.end(), ConfigError, "no module named '", name, "' in ", model_name_,
                     "; close names: ", close_names(name, module_names()));
@@ -362,6 +385,40 @@ class ScriptAdapter final : public ModelAdapter {
   std::string unfired_advice(const std::string& name) const override {
     (void)name;
     return "the forward calls it only on a branch that did not run for this input";
+  }
+
+  // Every value hook point of every module whose hooks can fire, as
+  // `<module>::<value>`, modules in named_modules() order, values in graph order.
+  std::vector<std::string> value_point_names() const override {
+    std::vector<std::string> names;
+    for (const auto& named : module_.named_modules()) {
+      if (!unhookable_reason(named.name).empty() || !named.value.find_method("forward")) continue;
+      const std::string owner = named.name.empty() ? std::string(kRootName) : named.name;
+      for (const auto& value : listed_values(named.name).names()) names.push_back(concat(owner, kValueSeparator, value));
+    }
+    return names;
+  }
+
+  // The values of module `owner`, whose hooks must be able to fire; errors begin with `what`.
+  const OwnGraph& checked_values(const std::string& owner, const std::string& what) const {
+    auto found = modules_.find(owner);
+    FLEXMODEL_CHECK(found != modules_.end(), ConfigError, what, ": no module named '", owner, "' in ", model_name_,
+                    "; close names: ", close_names(owner, module_names()));
+    const std::string shown = owner.empty() ? std::string(kRootName) : owner;
+    const std::string reason = unhookable_reason(owner);
+    FLEXMODEL_CHECK(reason.empty(), ConfigError, what, ": module '", shown, "' of ", model_name_, " ", reason);
+    FLEXMODEL_CHECK(found->second.find_method("forward"), ConfigError, what, ": module '", shown,
+                    "' has no forward, so no values");
+    return listed_values(owner);
+  }
+
+  // The values of module `name`'s own graph, in graph order.
+  const OwnGraph& listed_values(const std::string& name) const {
+    auto found = listed_.find(name);
+    if (found == listed_.end()) {
+      found = listed_.emplace(name, own_graph(*modules_.at(name).get_method("forward").graph())).first;
+    }
+    return found->second;
   }
 
   // Whether the forward calls `name` as child.forward(...), where PyTorch's
@@ -434,6 +491,41 @@ class ScriptAdapter final : public ModelAdapter {
     return false;
   }
 
+  // A value hook point, one per value whatever name reaches it (its op or
+  // its Python name), so both share one site.
+  struct ValuePoint {
+    std::string owner;
+    std::size_t index = 0;
+  };
+
+  HookPoint value_hook_point(const std::string& name, const std::string& owner, const std::string& value) const {
+    const OwnGraph& own = checked_values(owner, concat("'", name, "'"));
+    const std::string shown = owner.empty() ? std::string(kRootName) : owner;
+    const std::ptrdiff_t index = own.find(value);
+    FLEXMODEL_CHECK(index >= 0, ConfigError, "'", name, "': module '", shown, "' of ", model_name_,
+                    " computes no value '", value, "' (<op>.<k> counts from 0 among its own ops, a name is the "
+                    "Python variable's; flex-inspect --values lists them); close names: ",
+                    close_names(value, own.names()));
+    auto& point = value_points_[{owner, static_cast<std::size_t>(index)}];
+    if (!point) point = std::make_unique<ValuePoint>(ValuePoint{owner, static_cast<std::size_t>(index)});
+    return HookPoint{point.get(), nullptr};
+  }
+
+  const ValuePoint* value_point_of(const void* key) const {
+    for (const auto& [where, point] : value_points_) {
+      if (point.get() == key) return point.get();
+    }
+    return nullptr;
+  }
+
+  // Module `path`'s forward with an operator after each hooked value.
+  std::shared_ptr<jit::Graph> hooked_own_graph(const std::string& path,
+                                               const std::vector<std::pair<std::size_t, const void*>>& hooked) const {
+    OwnGraph own = own_graph(*modules_.at(path).get_method("forward").graph());
+    hook_values(own, hooked);
+    return own.graph;
+  }
+
   std::vector<bool> real_inputs(jit::Node* call, const ModulePaths& paths, const std::string& callee) const {
     std::vector<bool> kept;
     for (std::size_t i = 1; i < call->inputs().size(); ++i) {
@@ -445,7 +537,20 @@ class ScriptAdapter final : public ModelAdapter {
   void compile() {
     stale_ = false;
     if (uses_.empty()) return;
-    auto graph = module_.get_method("forward").graph()->copy();
+    // Hooked values by module, and the modules whose calls must be inlined.
+    std::map<std::string, std::vector<std::pair<std::size_t, const void*>>> hooked_values;
+    std::vector<InlineTarget> targets;
+    for (const auto& use : uses_) {
+      if (const ValuePoint* point = value_point_of(use.key)) {
+        hooked_values[point->owner].emplace_back(point->index, use.key);
+        targets.push_back(InlineTarget{point->owner, true});
+      } else {
+        targets.push_back(InlineTarget{use.name, false});
+      }
+    }
+    auto root_values = hooked_values.find("");
+    auto graph = root_values != hooked_values.end() ? hooked_own_graph("", root_values->second)
+                                                    : module_.get_method("forward").graph()->copy();
     // Put the hook operators on every call to a hooked module, then inline,
     // from the unoptimised callee graph, one call above a hooked module (so
     // each instance gets its own call sites even when classes are shared), and
@@ -466,12 +571,18 @@ class ScriptAdapter final : public ModelAdapter {
         instrument_call(*graph, call, *use, kept);
         instrumented.insert(call);
       }
-      jit::Node* call = call_towards(*graph, uses_);
+      const auto [call, receiver] = call_towards(*graph, targets);
       if (call == nullptr) break;
       instrumented.erase(call);
       auto callee_type = call->input(0)->type()->expect<c10::ClassType>();
       auto& callee = torch::jit::toGraphFunction(callee_type->getMethod(call->s(jit::attr::name)));
-      torch::jit::inlineCallTo(call, &callee, callee.graph().get());
+      auto values = hooked_values.find(receiver);
+      if (values != hooked_values.end() && call->s(jit::attr::name) == "forward") {
+        // This instance's own graph with its hooked values, so that instances of one class are told apart.
+        torch::jit::inlineCallTo(call, &callee, hooked_own_graph(receiver, values->second).get());
+      } else {
+        torch::jit::inlineCallTo(call, &callee, callee.graph().get());
+      }
     }
     graph->lint();
     function_ = std::make_unique<torch::jit::GraphFunction>("flexmodel_forward", graph, nullptr);
@@ -487,6 +598,8 @@ class ScriptAdapter final : public ModelAdapter {
   std::map<std::string, torch::jit::Module> modules_;
   CallFacts facts_;
   std::vector<HookPointUse> uses_;
+  mutable std::map<std::string, OwnGraph> listed_;
+  mutable std::map<std::pair<std::string, std::size_t>, std::unique_ptr<ValuePoint>> value_points_;
   std::unique_ptr<torch::jit::GraphFunction> function_;
   bool stale_ = false;
 };
@@ -529,6 +642,10 @@ FlexModel<torch::jit::Module>::FlexModel(const std::string& path, FlexModelOptio
 FlexModel<torch::jit::Module>::FlexModel(torch::jit::Module module, std::shared_ptr<detail::ScriptAdapter> adapter,
                                          FlexModelOptions options)
     : FlexModelBase(adapter, options), module_(std::move(module)), script_(std::move(adapter)) {}
+
+std::vector<ValueInfo> FlexModel<torch::jit::Module>::value_points(const std::string& module_name) const {
+  return script_->checked_values(module_name == kRootName ? std::string() : module_name, "value_points").listed;
+}
 
 bool FlexModel<torch::jit::Module>::called_as_forward(const std::string& module_name) const {
   return script_->called_as_forward(module_name);

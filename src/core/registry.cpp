@@ -189,6 +189,10 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
       record->parameter = *parameter;
       record->parameter_sharding = adapter_->parameter_sharding(name);
     } else {
+      FLEXMODEL_CHECK(name.find(kValueSeparator) == std::string::npos || type == HookType::forward ||
+                          type == HookType::full_backward_pre,
+                      ConfigError, "'", name, "' is a value hook point, which has no inputs: hook it with forward "
+                      "(the value) or full_backward_pre (its gradient), not ", to_string(type));
       point = adapter_->hook_point(name);
     }
   } catch (const std::exception&) {
@@ -300,6 +304,14 @@ HookPointSelection FlexModelBase::select_hook_points(const Pattern& pattern, Hoo
     }
     return selection;
   }
+  if (pattern.text().find(kValueSeparator) != std::string::npos) {
+    // Value hook points; a value reached by its op and by its name is selected once.
+    std::set<const void*> seen;
+    for (const auto& name : adapter_->value_point_names()) {
+      if (pattern.matches(name) && seen.insert(adapter_->hook_point(name).key).second) selection.names.push_back(name);
+    }
+    return selection;
+  }
   for (const auto& name : adapter_->module_names()) {
     if (!pattern.matches(name)) continue;
     std::string reason = adapter_->unhookable_reason(name);
@@ -370,14 +382,22 @@ std::vector<HookHandle> FlexModelBase::create_hook_group(const std::string& grou
     }
   }
   FLEXMODEL_CHECK(!matches.empty(), ConfigError, "create_hook_group('", group, "'): ", pattern.describe(),
-                  " matches no ", type == HookType::tensor ? "parameter" : "module", " of the model",
+                  " matches no ",
+                  type == HookType::tensor                                          ? "parameter"
+                  : pattern.text().find(kValueSeparator) != std::string::npos ? "value hook point"
+                                                                                    : "module",
+                  " of the model",
                   selection.skipped.empty()
                       ? std::string()
                       : detail::concat(" whose hooks can fire (it skipped ", selection.skipped.size(),
                                        ": containers or modules the forward never calls)"));
   std::vector<HookHandle> created;
-  for (const auto& name : matches) {
-    created.push_back(register_hook_function(hook.with_module_name(name), type));
+  try {
+    for (const auto& name : matches) created.push_back(register_hook_function(hook.with_module_name(name), type));
+  } catch (...) {
+    // None of the group's hooks stays behind (it would run in every forward of group "all").
+    for (const auto& handle : created) remove_hook(handle);
+    throw;
   }
   update_hook_groups(created, group);
   return created;

@@ -139,6 +139,19 @@ def main(tool, fixtures, mpirun):
                      "--positions", "0:2", "--out", os.path.join(scratch, "generate_refused.h5"))
         assert result.returncode != 0 and "--generate dumps each step's newest position" in result.stderr, result.stderr
 
+        # Value hook points: every layer's attention pattern, the softmax inside its attention, as PyTorch's
+        # hook saw it returned; in one process and over two data-parallel ranks.
+        for ranks in ([], [*mpirun, "-np", "2"]):
+            patterns = os.path.join(scratch, "patterns.h5")
+            result = run(*ranks, tool, "--model", scripted, "--input", tokens, "--hooks", "layers.*.attn::softmax.0",
+                         "--batch-size", "2", "--overwrite", "--out", patterns, *(["--dp", "2"] if ranks else []))
+            assert result.returncode == 0, result.stdout + result.stderr
+            with h5py.File(patterns, "r") as h5:
+                assert sorted(h5["activations"]) == [f"layers.{i}.attn::softmax.0" for i in range(3)], list(h5["activations"])
+                for i in range(3):
+                    np.testing.assert_allclose(h5[f"activations/layers.{i}.attn::softmax.0/forward"][()],
+                                               reference[f"forward|layers.{i}.attn|1"], rtol=0, atol=1e-6)
+
         # Two data-parallel ranks write what one process writes.
         shared = os.path.join(scratch, "dp.h5")
         result = run(*mpirun, "-np", "2", tool, "--model", scripted, *common, "--positions", "last", "--out", shared)

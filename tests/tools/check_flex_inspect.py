@@ -61,6 +61,52 @@ def check_real_exports(tool, real):
                                             "--input", os.path.join(real, "dotforward_scripted.input0.npy")).stdout
 
 
+def expected_ops(module):
+    """The documented rule, read from the graph in Python: each non-prim node with one tensor output
+    is <op>.<k>, counted per op in graph order, and carries its Python name without the .N suffix."""
+    counts, ops = {}, []
+    for node in module.forward.graph.nodes():
+        outputs = list(node.outputs())
+        if node.kind().startswith("prim::") or len(outputs) != 1 or outputs[0].type().kind() != "TensorType":
+            continue
+        op = node.kind().split("::")[1]
+        name = outputs[0].debugName()
+        base, _, suffix = name.rpartition(".")
+        name = base if base and suffix.isdigit() else ("" if name.isdigit() else name)
+        ops.append((f"{op}.{counts.get(op, 0)}", name))
+        counts[op] = counts.get(op, 0) + 1
+    return ops
+
+
+def check_values(tool, fixtures):
+    """--values: every module's value hook points, in the documented order, with the shapes one forward gave."""
+    reference = torch.jit.load(os.path.join(fixtures, "reference.pt")).tensors
+    for export in ("gpt_scripted", "gpt_traced"):
+        model = os.path.join(fixtures, f"{export}.pt")
+        result = run(tool, model, "--values", "--input", os.path.join(fixtures, "tokens.npy"), "--json")
+        assert result.returncode == 0, result.stderr
+        modules = {module["name"]: module for module in json.loads(result.stdout)["modules"]}
+        attention = getattr(torch.jit.load(model).layers, "0").attn
+        listed = [(value["op"], value["name"]) for value in modules["layers.0.attn"]["values"] if value["op"]]
+        assert listed == expected_ops(attention), (export, listed, expected_ops(attention))
+        softmax = next(value for value in modules["layers.0.attn"]["values"] if value["op"] == "softmax.0")
+        assert softmax["name"] == "probs" and softmax["point"] == "layers.0.attn::softmax.0", softmax
+        assert softmax["shape"] == list(reference["forward|layers.0.attn|1"].shape), softmax
+        assert softmax["dtype"] == "float32", softmax
+        # F.layer_norm is a function the norm's forward calls: its op is the norm's own.
+        assert [value["op"] for value in modules["layers.0.ln_1"]["values"]] == ["layer_norm.0"], modules["layers.0.ln_1"]
+    # nn.MultiheadAttention computes its pattern inside F.multi_head_attention_forward.
+    real = os.path.join(fixtures, "real")
+    result = run(tool, os.path.join(real, "encoder_causal_scripted.pt"), "--values", "--json", "--input",
+                 os.path.join(real, "encoder_causal_scripted.input0.npy"))
+    assert result.returncode == 0, result.stderr
+    modules = {module["name"]: module for module in json.loads(result.stdout)["modules"]}
+    softmaxes = [value for value in modules["encoder.layers.0.self_attn"]["values"] if value["kind"] == "aten::softmax"]
+    assert softmaxes and any("shape" in value for value in softmaxes), softmaxes
+    table = run(tool, os.path.join(fixtures, "gpt_scripted.pt"), "--values")
+    assert table.returncode == 0 and "values of layers.0.attn:" in table.stdout, table
+
+
 def main(tool, fixtures):
     model = os.path.join(fixtures, "gpt_scripted.pt")
     tokens = os.path.join(fixtures, "tokens.npy")
@@ -92,6 +138,7 @@ def main(tool, fixtures):
     assert table.returncode == 0 and "layers.1.mlp.fc_in" in table.stdout, table
 
     check_real_exports(tool, os.path.join(fixtures, "real"))
+    check_values(tool, fixtures)
 
     with tempfile.TemporaryDirectory() as scratch:
         floats = os.path.join(scratch, "floats.npy")
@@ -107,7 +154,8 @@ def main(tool, fixtures):
             assert failed.returncode != 0, args
             lines = failed.stderr.strip().splitlines()
             assert len(lines) == 1 and needle in lines[0], (args, failed.stderr)
-    print(f"flex-inspect: {checked} hook-point facts equal PyTorch's, errors are one line")
+    print(f"flex-inspect: {checked} hook-point facts equal PyTorch's, value hook points follow the naming rule, errors "
+          "are one line")
 
 
 if __name__ == "__main__":

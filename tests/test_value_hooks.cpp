@@ -1,0 +1,106 @@
+// Value hook points (`<module>::<value>`) of the scripted and the traced GPT
+// fixture, against PyTorch's own captures of the same forward, the softmax
+// recomputed by hand from the captured q and k, and the same edit made at a
+// module hook point.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "flexmodel/flexmodel.h"
+#include "fixture_reference.h"
+#include "test_models.h"
+
+namespace flexmodel {
+namespace {
+
+using testing::error_of;
+using testing::kFixtures;
+using testing::Reference;
+
+constexpr std::int64_t kHeads = 4, kHeadDim = 8;
+
+class ValueHooksTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::string path() const { return kFixtures + "/" + GetParam(); }
+  torch::NoGradGuard no_grad;
+};
+
+TEST_P(ValueHooksTest, TheAttentionPatternEqualsPyTorchsAndTheSoftmaxOfTheCapturedQueriesAndKeys) {
+  const auto& reference = Reference::get();
+  ScriptFlexModel fm(path());
+  for (const auto* name : {"layers.0.attn::softmax.0", "layers.0.attn::q", "layers.0.attn::k",
+                           "layers.1.attn::probs"}) {
+    fm.register_forward_hook(HookFunction(name));
+  }
+  fm.forward({reference.tokens});
+  // The attention module returns its probabilities too: PyTorch's hook saw them as leaf 1.
+  const torch::Tensor& pattern = fm.outputs().at("layers.0.attn::softmax.0")[0];
+  EXPECT_TRUE(torch::allclose(pattern, reference.tensors.at("forward|layers.0.attn|1"), 0, 1e-6));
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("layers.1.attn::probs")[0], reference.tensors.at("forward|layers.1.attn|1"),
+                              0, 1e-6));
+  // Instances of one class are told apart.
+  EXPECT_FALSE(torch::allclose(fm.outputs().at("layers.1.attn::probs")[0], pattern));
+  const torch::Tensor& q = fm.outputs().at("layers.0.attn::q")[0];
+  const torch::Tensor& k = fm.outputs().at("layers.0.attn::k")[0];
+  ASSERT_EQ(q.sizes(), (c10::IntArrayRef{2, kHeads, 12, kHeadDim}));
+  const auto time = q.size(2);
+  const torch::Tensor future = torch::ones({time, time}, torch::kBool).triu(1);
+  const torch::Tensor by_hand =
+      torch::softmax((q.matmul(k.transpose(-2, -1)) / std::sqrt(static_cast<double>(kHeadDim))).masked_fill(future, -INFINITY), -1);
+  EXPECT_TRUE(torch::allclose(pattern, by_hand, 1e-6, 1e-6));
+}
+
+TEST_P(ValueHooksTest, ZeroingAHeadsPatternEqualsZeroingThatHeadsSliceOfTheProjectionInput) {
+  const auto& reference = Reference::get();
+  ScriptFlexModel fm(path());
+  // A pattern in the value part, over every layer's attention.
+  const auto pattern_hooks = fm.create_hook_group(
+      "pattern", "layers.*.attn::softmax.*", {}, [](torch::Tensor x) {
+        x.select(1, 2).zero_();
+        return x;
+      });
+  EXPECT_EQ(pattern_hooks.size(), 3u);
+  fm.create_hook_group("slice", "layers.*.attn.proj", {},
+                       [](torch::Tensor x) {
+                         x.narrow(-1, 2 * kHeadDim, kHeadDim).zero_();
+                         return x;
+                       },
+                       0, HookType::forward_pre);
+  const torch::Tensor by_value = fm.forward(Groups{"pattern"}, {reference.tokens}).toTensor();
+  const torch::Tensor by_slice = fm.forward(Groups{"slice"}, {reference.tokens}).toTensor();
+  const torch::Tensor plain = fm.forward(Groups::none(), {reference.tokens}).toTensor();
+  EXPECT_TRUE(torch::allclose(by_value, by_slice, 1e-6, 1e-6)) << "max |Δ| " << (by_value - by_slice).abs().max();
+  EXPECT_FALSE(torch::allclose(by_value, plain, 1e-3, 1e-3));
+}
+
+TEST_P(ValueHooksTest, ANameAndItsOpAreOneHookPointAndBadNamesSayWhy) {
+  ScriptFlexModel fm(path());
+  // `::*` is one name component: every named value, each once.
+  const auto named = fm.select_hook_points("layers.0.attn::*").names;
+  EXPECT_NE(std::find(named.begin(), named.end(), "layers.0.attn::probs"), named.end());
+  const auto both = fm.select_hook_points("layers.0.attn::**").names;
+  EXPECT_EQ(std::count_if(both.begin(), both.end(),
+                          [](const std::string& name) { return name == "layers.0.attn::softmax.0" || name == "layers.0.attn::probs"; }),
+            1);
+  const auto values = fm.value_points("layers.0.attn");
+  const auto softmax = std::find_if(values.begin(), values.end(), [](const ValueInfo& v) { return v.op == "softmax.0"; });
+  ASSERT_NE(softmax, values.end());
+  EXPECT_EQ(softmax->name, "probs");
+  EXPECT_EQ(softmax->kind, "aten::softmax");
+  EXPECT_NE(error_of([&] { fm.register_forward_hook(HookFunction("layers.0.attn::softmax.1")); })
+                .find("computes no value 'softmax.1'"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { fm.register_forward_pre_hook(HookFunction("layers.0.attn::probs")); })
+                .find("is a value hook point, which has no inputs"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { fm.create_hook_group("none", "layers.*.attn::nothing.*"); })
+                .find("matches no value hook point"),
+            std::string::npos);
+  EXPECT_TRUE(fm.hooks().empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(Exports, ValueHooksTest, ::testing::Values("gpt_scripted.pt", "gpt_traced.pt"),
+                         [](const auto& info) { return info.param.substr(4, info.param.size() - 7); });
+
+}  // namespace
+}  // namespace flexmodel
