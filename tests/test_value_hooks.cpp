@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <initializer_list>
 
 #include "flexmodel/flexmodel.h"
+#include "flexmodel/models/gpt.h"
 #include "fixture_reference.h"
 #include "test_models.h"
 
@@ -48,6 +50,15 @@ TEST_P(ValueHooksTest, TheAttentionPatternEqualsPyTorchsAndTheSoftmaxOfTheCaptur
   const torch::Tensor by_hand =
       torch::softmax((q.matmul(k.transpose(-2, -1)) / std::sqrt(static_cast<double>(kHeadDim))).masked_fill(future, -INFINITY), -1);
   EXPECT_TRUE(torch::allclose(pattern, by_hand, 1e-6, 1e-6));
+}
+
+TEST_P(ValueHooksTest, OneHeadOfAPatternIsASliceOfTheValue) {
+  const auto& reference = Reference::get();
+  ScriptFlexModel fm(path());
+  fm.register_forward_hook(HookFunction("layers.0.attn::softmax.0").slice(Slice().heads_along(1, Index::at(2))));
+  fm.forward({reference.tokens});
+  EXPECT_TRUE(torch::allclose(fm.outputs().at("layers.0.attn::softmax.0")[0],
+                              reference.tensors.at("forward|layers.0.attn|1").narrow(1, 2, 1), 0, 1e-6));
 }
 
 TEST_P(ValueHooksTest, ZeroingAHeadsPatternEqualsZeroingThatHeadsSliceOfTheProjectionInput) {
@@ -97,6 +108,45 @@ TEST_P(ValueHooksTest, ANameAndItsOpAreOneHookPointAndBadNamesSayWhy) {
                 .find("matches no value hook point"),
             std::string::npos);
   EXPECT_TRUE(fm.hooks().empty());
+}
+
+// models::GPT names its attention's tensors with flexmodel::nn::HookPoint
+// children: on the fixture's weights, they are the export's values.
+TEST(NativeValueHooks, TheGPTsPointsAreTheExportsValuesAndEditAlike) {
+  const auto& reference = Reference::get();
+  ScriptFlexModel exported(kFixtures + "/gpt_scripted.pt");
+  FlexModel native(models::gpt_from_torchscript(exported.module(), "the fixture"));
+  torch::NoGradGuard no_grad;
+  for (FlexModelBase* model : std::initializer_list<FlexModelBase*>{&exported, &native}) {
+    model->create_hook_group("read", "layers.1.attn::q");
+    model->create_hook_group("read", "layers.1.attn::v");
+  }
+  native.create_hook_group("read", "layers.1.attn::pattern");
+  exported.create_hook_group("read", "layers.1.attn::probs");
+  exported.forward(Groups{"read"}, {reference.tokens});
+  native.forward(Groups{"read"}, reference.tokens);
+  for (const auto* name : {"layers.1.attn::q", "layers.1.attn::v"}) {
+    EXPECT_TRUE(torch::allclose(native.outputs().at(name)[0], exported.outputs().at(name)[0], 1e-5, 1e-6)) << name;
+  }
+  EXPECT_TRUE(torch::allclose(native.outputs().at("layers.1.attn::pattern")[0],
+                              reference.tensors.at("forward|layers.1.attn|1"), 1e-5, 1e-6));
+  // The value name and the HookPoint's module name are one hook point.
+  EXPECT_EQ(native.select_hook_points("layers.0.attn::*").names,
+            (std::vector<std::string>{"layers.0.attn::q", "layers.0.attn::k", "layers.0.attn::v",
+                                      "layers.0.attn::pattern", "layers.0.attn::z"}));
+  auto zero_head = [](torch::Tensor x) {
+    x.select(1, 1).zero_();
+    return x;
+  };
+  native.create_hook_group("zero", "layers.0.attn::z", {}, zero_head);
+  exported.create_hook_group("zero", "layers.0.attn::matmul.1", {}, zero_head);
+  const torch::Tensor ours = native.forward(Groups{"zero"}, reference.tokens);
+  const torch::Tensor theirs = exported.forward(Groups{"zero"}, {reference.tokens}).toTensor();
+  EXPECT_TRUE(torch::allclose(ours, theirs, 1e-5, 1e-5)) << "max |Δ| " << (ours - theirs).abs().max();
+  EXPECT_FALSE(torch::allclose(ours, native.forward(Groups::none(), reference.tokens), 1e-3, 1e-3));
+  EXPECT_NE(error_of([&] { native.register_forward_hook(HookFunction("layers.0.attn::scores")); })
+                .find("has no flexmodel::nn::HookPoint 'hook_scores'"),
+            std::string::npos);
 }
 
 INSTANTIATE_TEST_SUITE_P(Exports, ValueHooksTest, ::testing::Values("gpt_scripted.pt", "gpt_traced.pt"),

@@ -33,6 +33,17 @@ using MultiheadAttention = Hooked<torch::nn::MultiheadAttention>;
 using LSTM = Hooked<torch::nn::LSTM>;
 using GRU = Hooked<torch::nn::GRU>;
 
+// A named point inside a forward (TransformerLens's HookPoint): the identity,
+// hookable. A child registered as `hook_<value>` of module M is also the value
+// hook point `M::<value>`, the name a TorchScript export gives the tensor M
+// computes there (`layers.0.attn::q`), so native and exported models can
+// offer the same points.
+class HookPointImpl : public torch::nn::Module {
+ public:
+  torch::Tensor forward(const torch::Tensor& x) { return x; }
+};
+FLEX_MODULE(HookPoint);
+
 // A Sequential whose children are hookable. Children map a tensor to a tensor.
 class SequentialImpl : public torch::nn::SequentialImpl {
  public:

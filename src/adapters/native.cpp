@@ -6,6 +6,7 @@
 #include "flexmodel/dist.h"
 #include "flexmodel/flex_model.h"
 #include "flexmodel/hooked.h"
+#include "flexmodel/nn.h"
 #include "flexmodel/pattern.h"
 #include "adapters/model_adapter.h"
 
@@ -25,6 +26,8 @@ class NativeAdapter final : public ModelAdapter {
   }
 
   HookPoint hook_point(const std::string& name) const override {
+    const std::string point = point_module(name);
+    if (!point.empty()) return hook_point(point);
     auto module = find(name);
     FLEXMODEL_CHECK(module != nullptr, ConfigError, "no module named '", name, "' in the model; close names: ",
                     close_names(name, module_names()));
@@ -39,6 +42,22 @@ class NativeAdapter final : public ModelAdapter {
     return "is not called through a hookable holder, so a hook on it could never fire; declare it as "
            "flexmodel::Hooked<torch::nn::X> (or flexmodel::nn::X), use FLEX_MODULE(Name) instead of "
            "TORCH_MODULE(Name), or hold it in flexmodel::nn::Sequential / flexmodel::nn::ModuleList";
+  }
+
+  // `M::v` for each flexmodel::nn::HookPoint registered as child `hook_v` of M.
+  std::vector<std::string> value_point_names() const override {
+    refresh();
+    std::vector<std::string> names;
+    for (const auto& item : modules_) {
+      if (dynamic_cast<const nn::HookPointImpl*>(item.value().get()) == nullptr) continue;
+      const std::string& path = item.key();
+      const auto dot = path.rfind('.');
+      const std::string leaf = dot == std::string::npos ? path : path.substr(dot + 1);
+      if (leaf.rfind(kHookPrefix, 0) != 0) continue;
+      const std::string owner = dot == std::string::npos ? std::string(kRootName) : path.substr(0, dot);
+      names.push_back(concat(owner, kValueSeparator, leaf.substr(kHookPrefix.size())));
+    }
+    return names;
   }
 
   NamedTensors named_parameters() const override { return to_vector(root_->named_parameters(true)); }
@@ -75,6 +94,22 @@ class NativeAdapter final : public ModelAdapter {
 
  private:
   // The tree is cached; a name it lacks refreshes it once, for trees changed after wrapping.
+  static constexpr std::string_view kHookPrefix = "hook_";
+
+  // The HookPoint module a value hook point `M::v` names (`M.hook_v`), or
+  // empty when `name` is a module's; a ConfigError when M has no such point.
+  std::string point_module(const std::string& name) const {
+    const auto at = name.find(kValueSeparator);
+    if (at == std::string::npos) return {};
+    const std::string owner = name.substr(0, at), value = name.substr(at + kValueSeparator.size());
+    const std::string path = concat(owner == kRootName ? "" : owner + ".", kHookPrefix, value);
+    FLEXMODEL_CHECK(dynamic_cast<const nn::HookPointImpl*>(find(path).get()) != nullptr, ConfigError, "'", name,
+                    "': module '", owner, "' has no flexmodel::nn::HookPoint '", kHookPrefix, value,
+                    "'; a native model's value hook points are the HookPoints it registers; close names: ",
+                    close_names(name, value_point_names()));
+    return path;
+  }
+
   std::shared_ptr<torch::nn::Module> find(const std::string& name) const {
     const auto* found = modules_.find(name);
     if (found == nullptr) {

@@ -16,14 +16,25 @@ AttentionImpl::AttentionImpl(const GPTOptions& options) : n_heads_(options.n_hea
                   " must be a multiple of n_heads ", options.n_heads());
   qkv = register_module("qkv", flexmodel::nn::Linear(options.d_model(), 3 * options.d_model()));
   proj = register_module("proj", flexmodel::nn::Linear(options.d_model(), options.d_model()));
+  for (auto [name, point] : {std::pair{"hook_q", &points.q}, std::pair{"hook_k", &points.k},
+                             std::pair{"hook_v", &points.v}, std::pair{"hook_pattern", &points.pattern},
+                             std::pair{"hook_z", &points.z}}) {
+    *point = register_module(name, flexmodel::nn::HookPoint());
+  }
 }
 
 std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads,
-                                                          LayerKV* past) {
+                                                          LayerKV* past, const AttentionPoints* points) {
   const auto batch = qkv.size(0), time = qkv.size(1), width = qkv.size(2) / 3;
   const auto head_dim = width / heads;
+  auto through = [points](flexmodel::nn::HookPoint AttentionPoints::*point, const torch::Tensor& x) {
+    if (points == nullptr) return x;
+    flexmodel::nn::HookPoint hook = points->*point;  // a holder: shares the module
+    return hook(x);
+  };
   auto split = qkv.view({batch, time, 3, heads, head_dim}).permute({2, 0, 3, 1, 4});
-  auto q = split[0], k = split[1], v = split[2];
+  auto q = through(&AttentionPoints::q, split[0]), k = through(&AttentionPoints::k, split[1]),
+       v = through(&AttentionPoints::v, split[2]);
   const std::int64_t before = past != nullptr && past->keys.defined() ? past->keys.size(2) : 0;
   if (past != nullptr) {
     if (before > 0) {
@@ -37,12 +48,14 @@ std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& q
   // Query i sits at position before + i: the keys after it are its future.
   auto future =
       torch::ones({time, before + time}, torch::TensorOptions().dtype(torch::kBool).device(qkv.device())).triu(before + 1);
-  auto probs = torch::softmax(scores.masked_fill(future, -std::numeric_limits<float>::infinity()), -1);
-  return {torch::matmul(probs, v).transpose(1, 2).reshape({batch, time, width}), probs};
+  auto probs = through(&AttentionPoints::pattern,
+                       torch::softmax(scores.masked_fill(future, -std::numeric_limits<float>::infinity()), -1));
+  const auto z = through(&AttentionPoints::z, torch::matmul(probs, v));
+  return {z.transpose(1, 2).reshape({batch, time, width}), probs};
 }
 
 std::tuple<torch::Tensor, torch::Tensor> AttentionImpl::forward(const torch::Tensor& x, LayerKV* past) {
-  auto [mixed, probs] = causal_attention(qkv(x), n_heads_, past);
+  auto [mixed, probs] = causal_attention(qkv(x), n_heads_, past, &points);
   return {proj(mixed), probs};
 }
 

@@ -143,11 +143,16 @@ def main(tool, fixtures, mpirun):
         # hook saw it returned; in one process and over two data-parallel ranks.
         for ranks in ([], [*mpirun, "-np", "2"]):
             patterns = os.path.join(scratch, "patterns.h5")
-            result = run(*ranks, tool, "--model", scripted, "--input", tokens, "--hooks", "layers.*.attn::softmax.0",
-                         "--batch-size", "2", "--overwrite", "--out", patterns, *(["--dp", "2"] if ranks else []))
+            result = run(*ranks, tool, "--model", scripted, "--input", tokens, "--hooks",
+                         "layers.*.attn::softmax.0,layers.0.attn::future", "--batch-size", "2", "--overwrite", "--out",
+                         patterns, *(["--dp", "2"] if ranks else []))
             assert result.returncode == 0, result.stdout + result.stderr
             with h5py.File(patterns, "r") as h5:
-                assert sorted(h5["activations"]) == [f"layers.{i}.attn::softmax.0" for i in range(3)], list(h5["activations"])
+                assert sorted(h5["activations"]) == ["layers.0.attn::future"] + [
+                    f"layers.{i}.attn::softmax.0" for i in range(3)], list(h5["activations"])
+                # The causal mask has no batch rows: one [T, T] for the one forward, under dp too.
+                future = h5["activations/layers.0.attn::future/forward"][()]
+                np.testing.assert_array_equal(future, np.triu(np.ones((12, 12), dtype=bool), 1), err_msg=str(ranks))
                 for i in range(3):
                     np.testing.assert_allclose(h5[f"activations/layers.{i}.attn::softmax.0/forward"][()],
                                                reference[f"forward|layers.{i}.attn|1"], rtol=0, atol=1e-6)

@@ -56,8 +56,14 @@ struct KVCache {
 // With `past`, the queries are the T positions after the past's and attend to
 // the past's keys and values too (probabilities [B, heads, T, T_past + T]),
 // which `past` then holds.
+// Points the tensors pass through, when given: q, k, v [B, heads, T, d_head],
+// the pattern [B, heads, T, T'] and z, each head's mix of values [B, heads, T, d_head].
+struct AttentionPoints {
+  flexmodel::nn::HookPoint q{nullptr}, k{nullptr}, v{nullptr}, pattern{nullptr}, z{nullptr};
+};
 std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads,
-                                                          LayerKV* past = nullptr);
+                                                          LayerKV* past = nullptr,
+                                                          const AttentionPoints* points = nullptr);
 
 class AttentionImpl : public torch::nn::Module {
  public:
@@ -67,6 +73,8 @@ class AttentionImpl : public torch::nn::Module {
 
   flexmodel::nn::Linear qkv{nullptr};
   flexmodel::nn::Linear proj{nullptr};
+  // hook_q, hook_k, hook_v, hook_pattern, hook_z: the value hook points attn::q … attn::z.
+  AttentionPoints points;
 
  private:
   std::int64_t n_heads_;
