@@ -176,6 +176,35 @@ void script_run_with_cache(benchmark::State& state) {
 }
 BENCHMARK(script_run_with_cache)->Unit(benchmark::kMillisecond)->MinTime(5.0);
 
+// Value hook points against module hook points, 24 each: the pattern and
+// each head's mix of values inside every attention (layers.*.attn::softmax.0,
+// ::matmul.1) against every attention's and MLP's output; ms per forward.
+// Args: batch, sequence (1 × 1: a decoding step's one new position).
+void script_value_hooks(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  flexmodel::ScriptFlexModel modules(loaded("gpt2_small_scripted.pt"));
+  hook_attention_and_mlp(modules);
+  flexmodel::ScriptFlexModel values(loaded("gpt2_small_scripted.pt"));
+  values.create_hook_group("values", "layers.*.attn::softmax.0");
+  values.create_hook_group("values", "layers.*.attn::matmul.1");
+  state.counters["hooks"] = static_cast<double>(values.hooks().size());
+  torch::manual_seed(1);
+  const std::vector<torch::IValue> tokens{torch::randint(0, 50257, {state.range(0), state.range(1)})};
+  auto by_module = [&] { benchmark::DoNotOptimize(modules.forward(tokens)); };
+  auto by_value = [&] { benchmark::DoNotOptimize(values.forward(tokens)); };
+  warm_up([&] { by_module(), by_value(); });
+  measure_pairs(state, by_module, by_value, [&] {
+    modules.outputs().clear();
+    values.outputs().clear();
+  }).report(state, 1e3, "ms");
+}
+BENCHMARK(script_value_hooks)
+    ->ArgNames({"batch", "seq"})
+    ->Args({1, 1})
+    ->Args({4, 128})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5.0);
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -2,7 +2,8 @@
 # Sets up a Debian 12 machine for flexmodel, builds it, and runs a job.
 #   tools/setup.sh run    install, build, run the main job on the bundled default:
 #                         flex-dump of the bundled GPT's activations to build/acts.h5,
-#                         then read back with h5py
+#                         read back with h5py, then the induction-heads study
+#                         (build/induction: scores table, picture)
 #   tools/setup.sh test   install, build, run the whole test suite (ctest), then
 #                         the unit, writer and fuzz tests under ASan+UBSan and TSan
 #   tools/setup.sh deps   install the dependencies only
@@ -19,7 +20,7 @@ PACKAGES=(
   libhdf5-dev zlib1g-dev hdf5-filter-plugin hdf5-filter-plugin-blosc-serial
   libspdlog-dev libcli11-dev nlohmann-json3-dev
   googletest libgtest-dev libgmock-dev libbenchmark-dev
-  python3-torch python3-h5py python3-numpy
+  python3-torch python3-h5py python3-numpy python3-matplotlib
 )
 
 install_dependencies() {
@@ -86,6 +87,7 @@ case "${1:-}" in
       --hooks "layers.*.mlp,embed_tokens" --pre-hooks "lm_head" --out "$BUILD_DIR/acts.h5" --batch-size 1 --overwrite
     /usr/bin/python3 -c "import h5py; f = h5py.File('$BUILD_DIR/acts.h5', 'r'); \
 print({name: f['activations'][name][kind].shape for name in f['activations'] for kind in f['activations'][name]})"
+    "$BUILD_DIR/examples/induction_heads" "$BUILD_DIR/induction"
     ;;
   test)
     install_dependencies
