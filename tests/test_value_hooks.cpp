@@ -8,8 +8,10 @@
 #include <initializer_list>
 
 #include "flexmodel/flexmodel.h"
+#include "flexmodel/npy.h"
 #include "flexmodel/models/gpt.h"
 #include "fixture_reference.h"
+#include "test_files.h"
 #include "test_models.h"
 
 namespace flexmodel {
@@ -84,15 +86,36 @@ TEST_P(ValueHooksTest, ZeroingAHeadsPatternEqualsZeroingThatHeadsSliceOfTheProje
   EXPECT_FALSE(torch::allclose(by_value, plain, 1e-3, 1e-3));
 }
 
+TEST_P(ValueHooksTest, ZeroingAHeadsPatternGivesTheLogitsOfPyTorchsModelWithThatHeadZeroed) {
+  const auto& reference = Reference::get();
+  testing::TempDir dir;
+  ASSERT_EQ(testing::run_python(std::string(FLEXMODEL_TEST_SCRIPTS) + "/value_hooks/zeroed_head_logits.py " +
+                                kFixtures + " 2 " + dir / "expected.npy"),
+            0);
+  const torch::Tensor expected = read_npy(dir / "expected.npy");
+  ScriptFlexModel fm(path());
+  // A new tensor, not an in-place edit: every later use reads it.
+  fm.create_hook_group("zero", "layers.*.attn::softmax.0", {}, [](const torch::Tensor& pattern) {
+    torch::Tensor zeroed = pattern.clone();
+    zeroed.select(1, 2).zero_();
+    return zeroed;
+  });
+  const torch::Tensor logits = fm.forward(Groups{"zero"}, {reference.tokens}).toTensor();
+  EXPECT_TRUE(torch::allclose(logits, expected, 1e-5, 1e-5)) << "max |Δ| " << (logits - expected).abs().max();
+  EXPECT_FALSE(torch::allclose(fm.forward(Groups::none(), {reference.tokens}).toTensor(), expected, 1e-3, 1e-3));
+}
+
 TEST_P(ValueHooksTest, ANameAndItsOpAreOneHookPointAndBadNamesSayWhy) {
   ScriptFlexModel fm(path());
   // `::*` is one name component: every named value, each once.
   const auto named = fm.select_hook_points("layers.0.attn::*").names;
   EXPECT_NE(std::find(named.begin(), named.end(), "layers.0.attn::probs"), named.end());
+  // `**` spans the dots of op names: the pattern meets softmax.0 and probs, one value, selected once.
   const auto both = fm.select_hook_points("layers.0.attn::**").names;
   EXPECT_EQ(std::count_if(both.begin(), both.end(),
                           [](const std::string& name) { return name == "layers.0.attn::softmax.0" || name == "layers.0.attn::probs"; }),
             1);
+  EXPECT_EQ(fm.select_hook_points("**::softmax.0").names.size(), 3u);
   const auto values = fm.value_points("layers.0.attn");
   const auto softmax = std::find_if(values.begin(), values.end(), [](const ValueInfo& v) { return v.op == "softmax.0"; });
   ASSERT_NE(softmax, values.end());
@@ -108,6 +131,34 @@ TEST_P(ValueHooksTest, ANameAndItsOpAreOneHookPointAndBadNamesSayWhy) {
                 .find("matches no value hook point"),
             std::string::npos);
   EXPECT_TRUE(fm.hooks().empty());
+  fm.register_forward_hook(HookFunction("layers.0.attn::softmax.0", {}, [](const torch::Tensor& x) { return x.sum(-1); }));
+  EXPECT_NE(error_of([&] { fm.forward({Reference::get().tokens}); })
+                .find("editing function of hook on 'layers.0.attn::softmax.0' (forward) changed the shape"),
+            std::string::npos);
+}
+
+// The root's own values, and edits of an in-place op's result, which later
+// code reads through the tensor the op changed.
+TEST(RootValueHooks, AnEditOfAnInPlaceResultReachesTheTensorItChanged) {
+  torch::jit::Module module("Doubling");
+  module.define(R"JIT(
+def forward(self, x):
+    y = x * 2
+    y.add_(1)
+    return y * 3
+)JIT");
+  ScriptFlexModel fm(module);
+  const auto values = fm.value_points("(root)");
+  ASSERT_EQ(values.size(), 3u);
+  EXPECT_EQ(values[1].op, "add_.0");
+  EXPECT_TRUE(values[1].aliases_input);
+  const torch::Tensor x = torch::ones({2});
+  fm.create_hook_group("zero", "(root)::add_.0", {}, [](const torch::Tensor& y) { return torch::zeros_like(y); });
+  EXPECT_TRUE(torch::equal(fm.forward(Groups{"zero"}, {x}).toTensor(), torch::zeros({2})));
+  // An edit of y replaces it for the later add_ and product: (5 + 1) · 3.
+  fm.create_hook_group("five", "(root)::y", {}, [](const torch::Tensor& y) { return torch::full_like(y, 5); });
+  EXPECT_TRUE(torch::equal(fm.forward(Groups{"five"}, {x}).toTensor(), torch::full({2}, 18.0)));
+  EXPECT_TRUE(torch::equal(fm.forward(Groups::none(), {x}).toTensor(), torch::full({2}, 9.0)));
 }
 
 // models::GPT names its attention's tensors with flexmodel::nn::HookPoint

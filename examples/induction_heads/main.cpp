@@ -5,9 +5,10 @@
 // TorchScript, read at the softmax inside its attention.
 //   induction_heads OUT_DIR [STEPS]
 // Writes OUT_DIR/patterns.h5 (every head's pattern on the evaluation batch),
-// OUT_DIR/scores.json, OUT_DIR/attn_only.pt (the export) and, with Debian's
-// python3-matplotlib, OUT_DIR/induction_heads.png; exits 1 when the study
-// does not find what it expects.
+// OUT_DIR/scores.json, OUT_DIR/attn_only.pt (the export) and
+// OUT_DIR/induction_heads.png (drawn with Debian's python3-matplotlib, which
+// it needs); exits 1 when the study does not find what it expects.
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -171,7 +172,8 @@ int study(int argc, char** argv) {
   const auto script_cache = flexmodel::run_with_cache(script, "layers.*::softmax.0", std::vector<torch::IValue>{tokens}).second;
   const Scores exported_scores =
       scores_of({script_cache.at("layers.0::softmax.0"), script_cache.at("layers.1::softmax.0")});
-  const double difference = (exported_scores.induction - native.induction).abs().max().item<double>();
+  const double difference = std::max((exported_scores.induction - native.induction).abs().max().item<double>(),
+                                     (exported_scores.previous - native.previous).abs().max().item<double>());
   std::cout << "the export's scores (layers.*::softmax.0) differ by at most " << difference << "\n";
 
   nlohmann::json report{{"induction", std::vector<std::vector<double>>()}, {"previous_token", std::vector<std::vector<double>>()},

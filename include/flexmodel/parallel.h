@@ -96,6 +96,13 @@ class ShardedGELUImpl : public torch::nn::GELUImpl, public dist::TensorParallelM
 };
 FLEX_MODULE(ShardedGELU);
 
+// A HookPoint on this rank's heads, [B, heads/tp, …]: hooks see every rank's, in the model's head order.
+class HeadsHookPointImpl : public flexmodel::nn::HookPointImpl, public dist::TensorParallelModule {
+ public:
+  dist::Sharding input_sharding(std::size_t leaf) const override;
+  dist::Sharding output_sharding(std::size_t leaf) const override;
+};
+
 class ParallelAttentionImpl : public torch::nn::Module, public dist::TensorParallelModule {
  public:
   ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options);
@@ -106,6 +113,8 @@ class ParallelAttentionImpl : public torch::nn::Module, public dist::TensorParal
 
   ColumnParallelLinear qkv{nullptr};
   RowParallelLinear proj{nullptr};
+  // attn::q, ::k, ::v, ::pattern, ::z as models::Attention has them, gathered by heads.
+  models::AttentionPoints points;
 
  private:
   std::int64_t local_heads_;

@@ -46,6 +46,7 @@ struct ValueInfo {
   std::string name;          // the Python variable's ("probs"); empty when it has none
   bool name_is_last = true;  // false: a later value has the same name, and the name reaches that one
   std::string kind;          // the operator, "aten::softmax"
+  bool aliases_input = false;  // a view or an in-place op's result: an edit is written into its memory
 };
 
 template <>

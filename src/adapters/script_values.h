@@ -2,15 +2,18 @@
 // computes, named `<module>::<value>`.
 //
 // A module's own ops are those of its forward after plain function calls
-// (F.softmax, F.multi_head_attention_forward) are inlined, without the calls
-// into child modules. Each op with one tensor output is `<op>.<k>`: the op's
-// name without its namespace (aten::softmax → softmax) and its occurrence
-// among that module's ops of that name, from 0, in graph order, branches and
-// loop bodies included (a block's ops come before the node that holds it).
-// A value the Python source named is also `<name>`, without TorchScript's
-// numeric suffix (attn_weights.1 → attn_weights); a name given to several
-// values names the last of them in graph order (what the variable holds
-// once the forward has run), and the earlier ones are reachable by op only.
+// (F.softmax, F.multi_head_attention_forward) and calls of its own methods
+// (self._attn(...)) are inlined, without the calls into child modules. Each
+// node with a tensor output is `<op>.<k>`: the op's name without its
+// namespace (aten::softmax → softmax, prim::ListUnpack → ListUnpack) and its
+// occurrence among that module's nodes of that name, from 0, in graph order,
+// branches and loop bodies included (a block's nodes come before the node
+// that holds it); a node with several outputs gives each tensor output
+// `<op>.<k>.<i>`. A value the Python source named is also `<name>`, without
+// TorchScript's numeric suffix (attn_weights.1 → attn_weights); a name given
+// to several values names the last of them in graph order (what the variable
+// holds once the forward has run), and none when that last one is a child
+// module's output; the earlier ones are reachable by op only.
 #pragma once
 
 #include <cstddef>

@@ -128,16 +128,24 @@ void note_leaf_names(const void* key, bool inputs, const c10::IValue& value) {
 // original is kept here and rethrown by forward.
 thread_local std::exception_ptr g_error_in_graph;
 
-// The operator's constant: the module object's address, with the lowest bit
-// set for the call's inputs (objects are aligned, so that bit is free).
-std::int64_t hook_point_id(const void* key, bool inputs) {
-  return static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(key) | (inputs ? 1 : 0));
+// The operator's constant: the hook point's key (a module object's address),
+// with the lowest bit set for the call's inputs, the next for a value hook
+// point and the third for a value whose edit is written into its memory
+// (objects are aligned to 8 bytes, so the three bits are free).
+constexpr std::intptr_t kInputsBit = 1, kValueBit = 2, kWritesBackBit = 4;
+enum class Point { module, value, aliasing_value };
+std::int64_t hook_point_id(const void* key, bool inputs, Point point) {
+  return static_cast<std::int64_t>(reinterpret_cast<std::intptr_t>(key) | (inputs ? kInputsBit : 0) |
+                                   (point != Point::module ? kValueBit : 0) |
+                                   (point == Point::aliasing_value ? kWritesBackBit : 0));
 }
 
 void run_hook_operator(jit::Stack& stack) {
   const auto id = static_cast<std::intptr_t>(jit::pop(stack).toInt());
-  const bool inputs = (id & 1) != 0;
-  const void* key = reinterpret_cast<const void*>(id & ~std::intptr_t{1});
+  const bool inputs = (id & kInputsBit) != 0, writes_back = (id & kWritesBackBit) != 0;
+  const void* key = reinterpret_cast<const void*>(id & ~(kInputsBit | kValueBit | kWritesBackBit));
+  // A value a branch left undefined (or None) was not computed: its hooks do not fire.
+  if ((id & kValueBit) != 0 && !(stack.back().isTensor() && stack.back().toTensor().defined())) return;
   const ActiveSite* site = find_active_site(key);
   if (site == nullptr || !(inputs ? site_wants_inputs(*site) : site_wants_outputs(*site))) return;
   note_leaf_names(key, inputs, stack.back());
@@ -145,8 +153,15 @@ void run_hook_operator(jit::Stack& stack) {
     auto run = [&](TensorLeaves& leaves) { inputs ? run_input_hooks(*site, leaves) : run_output_hooks(*site, leaves); };
     if (stack.back().isTensor()) {
       // The common case needs no unpacking: edit the tensor in its stack slot.
+      const torch::Tensor original = writes_back ? stack.back().toTensor() : torch::Tensor();
       TensorLeaves leaves{&stack.back().toTensor()};
       run(leaves);
+      if (writes_back && !stack.back().toTensor().is_same(original)) {
+        // A view or an in-place op's result: later code reads its memory
+        // (through the tensor it aliases), so the edit goes there.
+        original.copy_(stack.back().toTensor());
+        stack.back() = original;
+      }
     } else {
       apply_to_leaves(stack.back(), run);
     }
@@ -227,8 +242,9 @@ std::pair<jit::Node*, std::string> call_towards(jit::Graph& graph, const std::ve
   return found;
 }
 
-jit::Value* insert_hook(jit::Graph& graph, jit::Value* value, const void* key, bool inputs) {
-  jit::Value* hook_point = graph.insertConstant(hook_point_id(key, inputs));
+jit::Value* insert_hook(jit::Graph& graph, jit::Value* value, const void* key, bool inputs,
+                        Point point = Point::module) {
+  jit::Value* hook_point = graph.insertConstant(hook_point_id(key, inputs, point));
   jit::Node* hook = graph.insertNode(graph.create(kHookSymbol, {value, hook_point}, 1));
   hook->output()->setType(value->type());
   return hook->output();
@@ -263,7 +279,8 @@ void hook_values(OwnGraph& own, const std::vector<std::pair<std::size_t, const v
   for (const auto& [index, key] : hooked) {
     jit::Value* value = own.values[index];
     jit::WithInsertPoint after(value->node()->next());
-    jit::Value* hooked_value = insert_hook(*own.graph, value, key, false);
+    jit::Value* hooked_value =
+        insert_hook(*own.graph, value, key, false, own.listed[index].aliases_input ? Point::aliasing_value : Point::value);
     value->replaceAllUsesAfterNodeWith(hooked_value->node(), hooked_value);
   }
 }

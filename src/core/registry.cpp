@@ -170,9 +170,11 @@ HookHandle FlexModelBase::register_hook_function(HookFunction hook, HookType typ
   // pp every rank registers every hook and a name lives on one stage: the
   // ranks exchange what they found (collective), so a stage that cannot
   // attach the hook fails every rank with its reason.
+  // A value hook point lives where its module does.
+  const std::string module = name.substr(0, name.find(kValueSeparator));
   const bool here = !state.staged() || (type == HookType::tensor
                                             ? find_named(adapter_->named_parameters(), name) != nullptr
-                                            : adapter_->has_module(name));
+                                            : adapter_->has_module(module == kRootName ? std::string() : module));
   detail::HookPoint point;
   std::exception_ptr failure;
   try {
@@ -304,11 +306,27 @@ HookPointSelection FlexModelBase::select_hook_points(const Pattern& pattern, Hoo
     }
     return selection;
   }
-  if (pattern.text().find(kValueSeparator) != std::string::npos) {
-    // Value hook points; a value reached by its op and by its name is selected once.
+  const auto separator = pattern.text().find(kValueSeparator);
+  if (separator != std::string::npos) {
+    // Value hook points: the module part and the value part are matched
+    // apart (`**` in either spans their dots); a value reached by its op and
+    // by its name is selected once.
+    auto part = [&](std::string text) {
+      return pattern.kind() == Pattern::Kind::substring ? Pattern::substring(std::move(text))
+             : pattern.kind() == Pattern::Kind::exact   ? Pattern::exact(std::move(text))
+                                                        : Pattern::glob(std::move(text));
+    };
+    const Pattern modules = part(pattern.text().substr(0, separator));
+    const Pattern values = part(pattern.text().substr(separator + kValueSeparator.size()));
     std::set<const void*> seen;
     for (const auto& name : adapter_->value_point_names()) {
-      if (pattern.matches(name) && seen.insert(adapter_->hook_point(name).key).second) selection.names.push_back(name);
+      const auto at = name.find(kValueSeparator);
+      const std::string module = name.substr(0, at);
+      if (modules.matches(module == kRootName ? std::string() : module) &&
+          values.matches(name.substr(at + kValueSeparator.size())) &&
+          seen.insert(adapter_->hook_point(name).key).second) {
+        selection.names.push_back(name);
+      }
     }
     return selection;
   }

@@ -109,7 +109,14 @@ ParallelAttentionImpl::ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, c
   qkv = register_module("qkv", ColumnParallelLinear(mesh, options.d_model(), 3 * options.d_model(), /*bias=*/true,
                                                     /*gather_output=*/false, /*blocks=*/3));
   proj = register_module("proj", RowParallelLinear(mesh, options.d_model(), options.d_model()));
+  for (auto [name, point] : points.named()) {
+    *point = register_module(
+        name, flexmodel::nn::HookPoint(std::shared_ptr<flexmodel::nn::HookPointImpl>(std::make_shared<HeadsHookPointImpl>())));
+  }
 }
+
+dist::Sharding HeadsHookPointImpl::input_sharding(std::size_t) const { return dist::Sharding::split(1); }
+dist::Sharding HeadsHookPointImpl::output_sharding(std::size_t) const { return dist::Sharding::split(1); }
 
 dist::Sharding ParallelAttentionImpl::output_sharding(std::size_t leaf) const {
   return leaf == 1 ? dist::Sharding::split(1) : dist::Sharding::replicated();
@@ -117,7 +124,7 @@ dist::Sharding ParallelAttentionImpl::output_sharding(std::size_t leaf) const {
 
 std::tuple<torch::Tensor, torch::Tensor> ParallelAttentionImpl::forward(const torch::Tensor& x) {
   // qkv holds q | k | v of this rank's heads; proj sums the heads of every rank.
-  auto [mixed, probs] = models::causal_attention(qkv(x), local_heads_);
+  auto [mixed, probs] = models::causal_attention(qkv(x), local_heads_, nullptr, &points);
   return {proj(mixed), probs};
 }
 

@@ -16,11 +16,7 @@ AttentionImpl::AttentionImpl(const GPTOptions& options) : n_heads_(options.n_hea
                   " must be a multiple of n_heads ", options.n_heads());
   qkv = register_module("qkv", flexmodel::nn::Linear(options.d_model(), 3 * options.d_model()));
   proj = register_module("proj", flexmodel::nn::Linear(options.d_model(), options.d_model()));
-  for (auto [name, point] : {std::pair{"hook_q", &points.q}, std::pair{"hook_k", &points.k},
-                             std::pair{"hook_v", &points.v}, std::pair{"hook_pattern", &points.pattern},
-                             std::pair{"hook_z", &points.z}}) {
-    *point = register_module(name, flexmodel::nn::HookPoint());
-  }
+  for (auto [name, point] : points.named()) *point = register_module(name, flexmodel::nn::HookPoint());
 }
 
 std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads,

@@ -195,6 +195,32 @@ TEST_F(ExperimentsTest, GenerationGivesEveryRankTheOneProcessTokensAndStepCaptur
   }
 }
 
+// ParallelAttention offers models::Attention's value hook points on its own
+// heads: hooks see and edit every rank's, in the model's head order.
+TEST_F(ExperimentsTest, ValueHookPointsOfTheParallelAttentionAreTheOneProcessHeadsInOrder) {
+  FlexModel reference(full);
+  for (FlexModelBase* model : std::initializer_list<FlexModelBase*>{&reference, fm.get()}) {
+    model->create_hook_group("read", "layers.*.attn::pattern");
+    model->create_hook_group("read", "layers.2.attn::z");
+    model->create_hook_group("zero", "layers.1.attn::z", {}, [](torch::Tensor z) {
+      z.select(1, 3).zero_();
+      return z;
+    });
+  }
+  const torch::Tensor expected = reference.forward(Groups{"zero"}, tokens);
+  const torch::Tensor edited = fm->forward(Groups{"zero"}, tokens);
+  reference.forward(Groups{"read"}, tokens);
+  fm->forward(Groups{"read"}, tokens);
+  if (!root()) return;
+  EXPECT_TRUE(torch::allclose(edited, expected, 1e-5, 1e-5)) << "max |Δ| " << (edited - expected).abs().max();
+  EXPECT_FALSE(torch::allclose(edited, full->forward(tokens), 1e-3, 1e-3));
+  for (const auto* name : {"layers.0.attn::pattern", "layers.3.attn::pattern", "layers.2.attn::z"}) {
+    const torch::Tensor& ours = fm->outputs().at(name)[0];
+    ASSERT_EQ(ours.sizes(), reference.outputs().at(name)[0].sizes()) << name;
+    EXPECT_TRUE(torch::allclose(ours, reference.outputs().at(name)[0], 1e-5, 1e-5)) << name;
+  }
+}
+
 // The TorchScript path under dp: the cache, attribution patching and generation.
 TEST(TorchScriptExperiments, CacheAttributionAndGenerationUnderDataParallelismEqualOneProcess) {
   if (g_shape.tp != 1 || g_shape.pp != 1) {

@@ -62,19 +62,23 @@ def check_real_exports(tool, real):
 
 
 def expected_ops(module):
-    """The documented rule, read from the graph in Python: each non-prim node with one tensor output
-    is <op>.<k>, counted per op in graph order, and carries its Python name without the .N suffix."""
+    """The documented rule, read from the graph in Python: each node but constants, attribute reads,
+    child calls and placeholders with a tensor output is <op>.<k> (<op>.<k>.<i> for a node of several outputs), counted
+    per op in graph order, and carries its Python name without the .N suffix."""
     counts, ops = {}, []
     for node in module.forward.graph.nodes():
         outputs = list(node.outputs())
-        if node.kind().startswith("prim::") or len(outputs) != 1 or outputs[0].type().kind() != "TensorType":
+        tensors = [i for i, output in enumerate(outputs) if output.type().kind() == "TensorType"]
+        if node.kind() in ("prim::Constant", "prim::GetAttr", "prim::CallMethod", "prim::Uninitialized") or not tensors:
             continue
         op = node.kind().split("::")[1]
-        name = outputs[0].debugName()
-        base, _, suffix = name.rpartition(".")
-        name = base if base and suffix.isdigit() else ("" if name.isdigit() else name)
-        ops.append((f"{op}.{counts.get(op, 0)}", name))
-        counts[op] = counts.get(op, 0) + 1
+        occurrence = counts.get(op, 0)
+        counts[op] = occurrence + 1
+        for i in tensors:
+            name = outputs[i].debugName()
+            base, _, suffix = name.rpartition(".")
+            name = base if base and suffix.isdigit() else ("" if name.isdigit() else name)
+            ops.append((f"{op}.{occurrence}" + ("" if len(outputs) == 1 else f".{i}"), name))
     return ops
 
 

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <torch/arg.h>
@@ -58,8 +59,12 @@ struct KVCache {
 // which `past` then holds.
 // Points the tensors pass through, when given: q, k, v [B, heads, T, d_head],
 // the pattern [B, heads, T, T'] and z, each head's mix of values [B, heads, T, d_head].
+// An attention registers each as its child `hook_<name>`.
 struct AttentionPoints {
   flexmodel::nn::HookPoint q{nullptr}, k{nullptr}, v{nullptr}, pattern{nullptr}, z{nullptr};
+  std::vector<std::pair<std::string, flexmodel::nn::HookPoint*>> named() {
+    return {{"hook_q", &q}, {"hook_k", &k}, {"hook_v", &v}, {"hook_pattern", &pattern}, {"hook_z", &z}};
+  }
 };
 std::tuple<torch::Tensor, torch::Tensor> causal_attention(const torch::Tensor& qkv, std::int64_t heads,
                                                           LayerKV* past = nullptr,
