@@ -181,10 +181,13 @@ TEST(NativeValueHooks, TheGPTsPointsAreTheExportsValuesAndEditAlike) {
   }
   EXPECT_TRUE(torch::allclose(native.outputs().at("layers.1.attn::pattern")[0],
                               reference.tensors.at("forward|layers.1.attn|1"), 1e-5, 1e-6));
-  // The value name and the HookPoint's module name are one hook point.
   EXPECT_EQ(native.select_hook_points("layers.0.attn::*").names,
             (std::vector<std::string>{"layers.0.attn::q", "layers.0.attn::k", "layers.0.attn::v",
                                       "layers.0.attn::pattern", "layers.0.attn::z"}));
+  // Module wildcards select what they select in the export; the HookPoint is still a module by its name.
+  EXPECT_EQ(native.select_hook_points("layers.0.attn.*").names,
+            (std::vector<std::string>{"layers.0.attn.qkv", "layers.0.attn.proj"}));
+  EXPECT_EQ(native.select_hook_points("layers.0.attn.hook_q").names, std::vector<std::string>{"layers.0.attn.hook_q"});
   auto zero_head = [](torch::Tensor x) {
     x.select(1, 1).zero_();
     return x;

@@ -55,6 +55,12 @@ class ModelAdapter {
   }
   // Every value hook point (`<module>::<value>`) the model offers; none by default.
   virtual std::vector<std::string> value_point_names() const { return {}; }
+  // Whether module `name` is a value hook point's own module (a native
+  // HookPoint), which wildcards over modules leave to `::` patterns.
+  virtual bool is_value_point_module(const std::string& name) const {
+    (void)name;
+    return false;
+  }
   virtual NamedTensors named_parameters() const = 0;
   virtual NamedTensors named_buffers() const = 0;
   virtual const void* root_key() const = 0;

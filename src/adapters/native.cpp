@@ -60,6 +60,12 @@ class NativeAdapter final : public ModelAdapter {
     return names;
   }
 
+  bool is_value_point_module(const std::string& name) const override {
+    const auto dot = name.rfind('.');
+    return dynamic_cast<const nn::HookPointImpl*>(find(name).get()) != nullptr &&
+           name.compare(dot == std::string::npos ? 0 : dot + 1, kHookPrefix.size(), kHookPrefix) == 0;
+  }
+
   NamedTensors named_parameters() const override { return to_vector(root_->named_parameters(true)); }
   NamedTensors named_buffers() const override { return to_vector(root_->named_buffers(true)); }
   const void* root_key() const override { return root_.get(); }

@@ -332,6 +332,9 @@ HookPointSelection FlexModelBase::select_hook_points(const Pattern& pattern, Hoo
   }
   for (const auto& name : adapter_->module_names()) {
     if (!pattern.matches(name)) continue;
+    // A wildcard over modules keeps the same names whether or not a model
+    // (ParallelGPT, models::GPT) offers its values as HookPoint children.
+    if (pattern.is_wildcard() && adapter_->is_value_point_module(name)) continue;
     std::string reason = adapter_->unhookable_reason(name);
     if (reason.empty()) {
       selection.names.push_back(name);
