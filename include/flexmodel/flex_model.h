@@ -252,6 +252,8 @@ class FlexModelBase {
   const FlexModelOptions& options() const { return options_; }
   // The mesh this FlexModel runs on; null in a single process.
   const std::shared_ptr<dist::Mesh>& mesh() const;
+  // Whether it runs on more than one rank (a mesh of size 1 is one process).
+  bool distributed() const;
   std::int64_t forwards_run() const;
 
  protected:

@@ -14,7 +14,7 @@ std::unique_ptr<FlexModelBase::DivertedCaptures> detail::add_cache_hooks(FlexMod
                                                                          const Pattern& pattern,
                                                                          ActivationCache& cache) {
   const CacheOptions& options = cache.options();
-  if (model.mesh() == nullptr || !model.mesh()->distributed()) {
+  if (!model.distributed()) {
     scope.add(pattern,
               HookFunction("").capture(false).slice(options.slice()).editing_function(
                   [&cache](const torch::Tensor& x, HookContext& ctx) { cache.add(ctx.module_name, ctx.hook_type, x); }),

@@ -60,7 +60,7 @@ torch::Tensor run_loop(const FlexModelBase& model, const torch::Tensor& prompt, 
                   prompt.sizes());
   FLEXMODEL_CHECK(options.max_new_tokens() >= 0 && options.temperature() > 0 && options.top_k() >= 0, ConfigError,
                   "generate: max_new_tokens and top_k must not be negative, temperature must be positive");
-  if (model.mesh() != nullptr && model.mesh()->distributed()) {
+  if (model.distributed()) {
     // Each rank goes on from its own prompt with rank 0's tokens.
     detail::check_same_across(model.mesh()->world(), prompt,
                               "generate: the prompt differs across ranks; under a mesh every rank passes the same one");
@@ -85,8 +85,6 @@ torch::Tensor run_loop(const FlexModelBase& model, const torch::Tensor& prompt, 
   return ids;
 }
 
-bool distributed(const FlexModelBase& model) { return model.mesh() != nullptr && model.mesh()->distributed(); }
-
 }  // namespace
 
 torch::Tensor detail::generate_whole_sequences(const FlexModelBase& model, const torch::Tensor& prompt,
@@ -100,7 +98,7 @@ torch::Tensor detail::generate_whole_sequences(const FlexModelBase& model, const
 
 torch::Tensor generate(FlexModel<models::GPTImpl>& model, const Groups& groups, const torch::Tensor& prompt,
                        const GenerationOptions& options) {
-  if (distributed(model)) {
+  if (model.distributed()) {
     // dp's calibration forward, one row larger, would run with the cache and extend it.
     return detail::generate_whole_sequences(model, prompt, options,
                                             [&](const torch::Tensor& ids) { return model.forward(groups, ids); });

@@ -43,8 +43,6 @@ torch::Tensor PatchingResult::normalized() const {
 namespace detail {
 namespace {
 
-bool distributed(const FlexModelBase& model) { return model.mesh() != nullptr && model.mesh()->distributed(); }
-
 torch::Tensor detached(const torch::Tensor& tensor) { return tensor.defined() ? tensor.detach() : tensor; }
 
 void check_patchable(const PatchingOptions& options, const char* what) {
@@ -84,7 +82,7 @@ CleanRun run_clean(FlexModelBase& model, const Pattern& points, const LogitsRun&
     const auto diverted = add_cache_hooks(model, scope, points, run.cache);
     run.logits = detached(clean(scope.only()));
   }
-  if (distributed(model)) share(model, run);
+  if (model.distributed()) share(model, run);
   for (const auto& [name, type] : run.cache.keys()) {
     FLEXMODEL_CHECK(run.cache.calls(name, type).size() == 1, ConfigError, "activation patching: '", name,
                     "' ran ", run.cache.calls(name, type).size(),
@@ -126,7 +124,7 @@ Metric default_metric(const FlexModelBase& model, const torch::Tensor& clean_log
 
 // Whether a hook fired: under a mesh it runs on one stage's leader only.
 bool fired_on_some_rank(const FlexModelBase& model, bool fired) {
-  if (!distributed(model)) return fired;
+  if (!model.distributed()) return fired;
   const auto flags = model.mesh()->world().all_gather_ints(fired ? 1 : 0);
   return std::any_of(flags.begin(), flags.end(), [](std::int64_t flag) { return flag != 0; });
 }
@@ -335,7 +333,7 @@ PatchingResult attribution_patching(FlexModelBase& model, const Pattern& points,
                                     const LogitsRun& corrupt, const std::optional<Metric>& metric,
                                     const PatchingOptions& options) {
   check_patchable(options, "attribution_patching");
-  FLEXMODEL_CHECK(!distributed(model) || (model.mesh()->shape().tp == 1 && model.mesh()->shape().pp == 1),
+  FLEXMODEL_CHECK(!model.distributed() || (model.mesh()->shape().tp == 1 && model.mesh()->shape().pp == 1),
                   ConfigError, "attribution_patching needs a backward through the model, which flexmodel's "
                   "tensor-parallel layers and pipeline stages do not carry (tp ", model.mesh()->shape().tp, ", pp ",
                   model.mesh()->shape().pp, "); run it under dp alone, or use activation_patching");
@@ -343,7 +341,7 @@ PatchingResult attribution_patching(FlexModelBase& model, const Pattern& points,
     torch::NoGradGuard no_grad;
     return run_clean(model, points, clean, options);
   }();
-  const CorruptRun run = distributed(model) ? corrupt_under_dp(model, clean_run, corrupt, metric, options)
+  const CorruptRun run = model.distributed() ? corrupt_under_dp(model, clean_run, corrupt, metric, options)
                                             : corrupt_in_one_process(model, clean_run, corrupt, metric);
   PatchingResult result;
   result.clean_metric = metric_of(model, run.judge, clean_run.logits);

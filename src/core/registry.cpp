@@ -115,6 +115,7 @@ void FlexModelBase::end_backward() {
 
 SaveContext& FlexModelBase::save_ctx() { return state_->save_ctx; }
 const std::shared_ptr<dist::Mesh>& FlexModelBase::mesh() const { return state_->mesh; }
+bool FlexModelBase::distributed() const { return state_->distributed(); }
 const TrainableModules& FlexModelBase::trainable_modules() const { return state_->trainable_modules; }
 OutputMap& FlexModelBase::outputs() { return state_->outputs; }
 const OutputMap& FlexModelBase::outputs() const { return state_->outputs; }
