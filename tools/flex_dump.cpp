@@ -1,13 +1,17 @@
-// flex-dump --model M.pt --input tokens.npy --hooks "layers.*.mlp,embed_tokens"
+// flex-dump --model M.pt|DIR --input tokens.npy --hooks "layers.*.mlp,embed_tokens"
 //           [--pre-hooks PATTERNS] --out acts.h5 [--batch-size N]
 //           [--compression gzip:4] [--overwrite | --append] [--dp N] [--tp N --pp N]
+//           [--dtype auto|float32|bfloat16|float16]
 //           [--positions last|A:B|i,j] [--heads A:B|i,j [--num-heads N]] [--unpack-idx N] [--full-forward]
-// Runs a TorchScript model over the rows of an .npy input, batch by batch, and
-// streams the chosen hook points' activations to an HDF5 file. Under
-// `mpirun -np N ... --dp N` each rank runs its share of every batch and rank 0
-// writes the gathered activations. With --tp/--pp a model of the GPT layout is
-// rebuilt from its weights as a ParallelGPT and sharded over the mesh; its
-// layers declare their sharding, so every activation is written whole.
+// Runs a model over the rows of an .npy input, batch by batch, and streams the
+// chosen hook points' activations to an HDF5 file. The model is a TorchScript
+// file or a Hugging Face checkpoint directory (config.json and safetensors,
+// flexmodel::hub). Under `mpirun -np N ... --dp N` each rank runs its share of
+// every batch and rank 0 writes the gathered activations. With --tp/--pp a
+// checkpoint is loaded sharded, each rank reading its share of the files, and
+// a TorchScript model of the GPT layout is rebuilt from its weights as a
+// ParallelGPT; their layers declare their sharding, so every activation is
+// written whole.
 // --positions and --heads keep a slice of every activation (flexmodel::Slice):
 // a last-token dump of a 128-token batch is 128 times smaller. A forward
 // stops once its last hook has fired, unless --full-forward.
@@ -34,6 +38,7 @@
 #include <flexmodel/detail/hash.h>
 #include <flexmodel/dist.h>
 #include <flexmodel/flexmodel.h>
+#include <flexmodel/hub.h>
 #include <flexmodel/io/hdf5_writer.h>
 #include <flexmodel/logging.h>
 #include <flexmodel/models/gpt.h>
@@ -120,7 +125,7 @@ class Summary final : public flexmodel::Sink {
 
 struct Settings {
   std::string model_path, input_path, hooks, pre_hooks, out_path, compression = "none", command_line;
-  std::string positions = "all", heads = "all";
+  std::string positions = "all", heads = "all", dtype = "auto";
   std::int64_t batch_size = 8, tp = 1, pp = 1, dp = 1;
   std::size_t unpack_idx = 0;
   std::optional<std::int64_t> num_heads;
@@ -261,7 +266,7 @@ Request register_on_every_stage(flexmodel::FlexModelBase& fm, const Settings& se
 
 using flexmodel::detail::fnv1a;
 
-// The model file's size and its first and last MiB: enough to tell two models apart cheaply.
+// A file's size and its first and last MiB: enough to tell two models apart cheaply.
 std::uint64_t file_fingerprint(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
   const auto size = static_cast<std::uint64_t>(std::filesystem::file_size(path));
@@ -273,6 +278,23 @@ std::uint64_t file_fingerprint(const std::string& path) {
   return fnv1a(tail.data(), tail.size(), fnv1a(head.data(), head.size(), fnv1a(&size, sizeof size)));
 }
 
+// A TorchScript file's fingerprint, or a checkpoint directory's: its
+// config.json, index and safetensors files by name (tokenizer files aside).
+std::uint64_t model_fingerprint(const std::string& path) {
+  if (!std::filesystem::is_directory(path)) return file_fingerprint(path);
+  std::set<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(path)) {
+    const std::string name = entry.path().filename().string();
+    if (name == "config.json" || name.find(".safetensors") != std::string::npos) names.insert(name);
+  }
+  std::uint64_t hash = fnv1a("checkpoint directory");
+  for (const auto& name : names) {
+    const std::uint64_t file = file_fingerprint(path + "/" + name);
+    hash = fnv1a(&file, sizeof file, fnv1a(name.data(), name.size(), hash));
+  }
+  return hash;
+}
+
 // Every rank must run the same job: a wrapper that hands ranks other
 // arguments would write one rank's rows under another's names. The ranks
 // compare fingerprints of each part of the job before the first forward, and
@@ -281,7 +303,8 @@ void check_ranks_agree(flexmodel::dist::Communicator& world, const Settings& set
   const torch::Tensor bytes = input.contiguous();
   const std::string shape = flexmodel::detail::concat(input.sizes(), " ", input.scalar_type());
   const std::vector<std::pair<const char*, std::uint64_t>> parts{
-      {"the model (--model)", file_fingerprint(settings.model_path)},
+      {"the model (--model)", model_fingerprint(settings.model_path)},
+      {"--dtype", fnv1a(settings.dtype)},
       {"--hooks", fnv1a(settings.hooks)},
       {"--pre-hooks", fnv1a(settings.pre_hooks)},
       {"--batch-size", static_cast<std::uint64_t>(settings.batch_size)},
@@ -297,14 +320,16 @@ void check_ranks_agree(flexmodel::dist::Communicator& world, const Settings& set
   }
 }
 
-// Token ids must index the model's embeddings: every id of an integer input
-// is checked against the largest nn.Embedding before any file exists (a
-// position embedding is smaller, and is not indexed by the input). The
-// message names the first row that holds an id out of range.
-void check_token_ids(const torch::jit::Module& module, const torch::Tensor& input, const std::string& path) {
-  if (!c10::isIntegralType(input.scalar_type(), /*includeBool=*/false)) return;
-  std::string largest;
-  std::int64_t rows = 0;
+// The token embedding an integer input indexes: its module and rows.
+struct TokenEmbedding {
+  std::string name;
+  std::int64_t rows = 0;  // 0: none known
+};
+
+// A TorchScript model's largest nn.Embedding (a position embedding is smaller,
+// and is not indexed by the input).
+TokenEmbedding token_embedding(const torch::jit::Module& module) {
+  TokenEmbedding largest;
   for (const auto& item : module.named_modules()) {
     const auto name = item.value.type()->name();
     if (!name || name->qualifiedName() != "__torch__.torch.nn.modules.sparse.Embedding" ||
@@ -312,8 +337,22 @@ void check_token_ids(const torch::jit::Module& module, const torch::Tensor& inpu
       continue;
     }
     const std::int64_t size = item.value.attr("weight").toTensor().size(0);
-    if (size > rows) std::tie(largest, rows) = std::make_pair(item.name, size);
+    if (size > largest.rows) largest = {item.name, size};
   }
+  return largest;
+}
+
+TokenEmbedding token_embedding(const flexmodel::hub::ModelConfig& config) {
+  if (const auto* gpt2 = std::get_if<flexmodel::models::GPT2Config>(&config)) return {"transformer.wte", gpt2->vocab_size()};
+  return {"model.embed_tokens", std::get<flexmodel::models::LlamaConfig>(config).vocab_size()};
+}
+
+// Token ids must index the model's embedding: every id of an integer input
+// is checked before any file exists. The message names the first row that
+// holds an id out of range.
+void check_token_ids(const TokenEmbedding& embedding, const torch::Tensor& input, const std::string& path) {
+  if (!c10::isIntegralType(input.scalar_type(), /*includeBool=*/false)) return;
+  const auto& [largest, rows] = embedding;
   if (rows == 0) return;
   const torch::Tensor bad = (input < 0).logical_or(input >= rows).flatten(1).any(1);
   if (!bad.any().item<bool>()) return;
@@ -325,9 +364,8 @@ void check_token_ids(const torch::jit::Module& module, const torch::Tensor& inpu
 }
 
 // The attention heads an export records: an n_heads or num_heads attribute of
-// any module (the first found), or --num-heads.
-std::optional<std::int64_t> recorded_heads(const torch::jit::Module& module, const Settings& settings) {
-  if (settings.num_heads) return settings.num_heads;
+// any module (the first found).
+std::optional<std::int64_t> recorded_heads(const torch::jit::Module& module) {
   for (const auto& item : module.named_modules()) {
     for (const char* attribute : {"n_heads", "num_heads"}) {
       if (item.value.hasattr(attribute) && item.value.attr(attribute).isInt()) return item.value.attr(attribute).toInt();
@@ -336,8 +374,9 @@ std::optional<std::int64_t> recorded_heads(const torch::jit::Module& module, con
   return std::nullopt;
 }
 
-// --positions along dim 1 and --heads of the last dim, for every hook point.
-flexmodel::Slice dump_slice(const Settings& settings, const torch::jit::Module& module) {
+// --positions along dim 1 and --heads of the last dim, for every hook point;
+// `heads` is the model's head count where it is known.
+flexmodel::Slice dump_slice(const Settings& settings, const std::optional<std::int64_t>& heads_known) {
   flexmodel::Slice slice;
   // Generating, a step's rows are its newest position's: the sequence grows by one each step.
   FLEXMODEL_CHECK(settings.generate == 0 || settings.positions == "all" || settings.positions == "last",
@@ -345,7 +384,7 @@ flexmodel::Slice dump_slice(const Settings& settings, const torch::jit::Module& 
   slice.positions(flexmodel::Index::parse(settings.generate > 0 ? std::string("last") : settings.positions));
   const flexmodel::Index heads = flexmodel::Index::parse(settings.heads);
   if (!heads.every()) {
-    const auto count = recorded_heads(module, settings);
+    const auto count = settings.num_heads ? settings.num_heads : heads_known;
     FLEXMODEL_CHECK(count.has_value(), flexmodel::ConfigError, "--heads: '", settings.model_path,
                     "' records no head count (an n_heads or num_heads attribute); give --num-heads");
     slice.heads(heads, *count);
@@ -491,10 +530,49 @@ int dump(flexmodel::FlexModelBase& fm, Forward&& forward, const Settings& settin
   return 0;
 }
 
+// A native model (a loaded checkpoint, or a ParallelGPT): hooks registered
+// on every pipeline stage, each forward run to its end, as the stages wait
+// for each other.
+template <class Model>
+int dump_native(flexmodel::FlexModel<Model>& fm, const Settings& settings, const torch::Tensor& input,
+                flexmodel::dist::Mesh* mesh) {
+  // The layers declare how their activations are split, so hooks gather them
+  // without an expected shape.
+  const Request request = register_on_every_stage(fm, settings);
+  auto forward = [&](const torch::Tensor& batch, flexmodel::io::HDF5Writer* writer) {
+    if (settings.generate > 0) {
+      generate_and_dump(fm, batch.to(torch::kInt64), settings.generate, writer);
+      return;
+    }
+    write_tokens(fm, batch, writer);
+    fm.forward(flexmodel::Groups{"dump"}, batch);
+  };
+  forward(input.narrow(0, 0, settings.dp), nullptr);
+  flexmodel::dist::Communicator* world = mesh != nullptr ? &mesh->world() : nullptr;
+  check_fired(fm, request, world);
+  return dump(fm, forward, settings, input, world);
+}
+
+// --dtype: auto (unset) keeps the dtype the model's files store.
+std::optional<torch::Dtype> parse_dtype(const std::string& name) {
+  if (name == "auto") return std::nullopt;
+  if (name == "float32") return torch::kFloat32;
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kFloat16;
+  FLEXMODEL_FAIL(flexmodel::ConfigError, "--dtype ", name, ": choose auto, float32, bfloat16 or float16");
+}
+
+std::int64_t heads_of(const flexmodel::hub::ModelConfig& config) {
+  if (const auto* gpt2 = std::get_if<flexmodel::models::GPT2Config>(&config)) return gpt2->n_head();
+  return std::get<flexmodel::models::LlamaConfig>(config).num_attention_heads();
+}
+
 int run(int argc, char** argv) {
-  CLI::App app{"Runs a TorchScript model over an .npy input and streams hooked activations to HDF5.", "flex-dump"};
+  CLI::App app{"Runs a TorchScript model or a Hugging Face checkpoint over an .npy input and streams hooked "
+               "activations to HDF5.", "flex-dump"};
   Settings settings;
-  app.add_option("--model", settings.model_path, "TorchScript file")->required();
+  app.add_option("--model", settings.model_path,
+                 "TorchScript file, or Hugging Face checkpoint directory (config.json and safetensors)")->required();
   app.add_option("--input", settings.input_path, ".npy input; its first dimension holds the rows")->required();
   app.add_option("--hooks", settings.hooks, "comma-separated module patterns for forward hooks (outputs)");
   app.add_option("--pre-hooks", settings.pre_hooks, "comma-separated module patterns for forward-pre hooks (inputs)");
@@ -514,8 +592,11 @@ int run(int argc, char** argv) {
   auto* dp_option = app.add_option("--dp", settings.dp,
                                    "data-parallel ranks (default: the ranks mpirun starts, divided by tp·pp)");
   app.add_option("--tp", settings.tp,
-                 "tensor-parallel ranks; with --tp or --pp the model must have the GPT layout of "
-                 "flexmodel::models::GPT, which is rebuilt from its weights as a flexmodel::parallel::ParallelGPT");
+                 "tensor-parallel ranks; a checkpoint directory loads sharded, each rank reading its share; a "
+                 "TorchScript model must have the GPT layout of flexmodel::models::GPT, which is rebuilt from its "
+                 "weights as a flexmodel::parallel::ParallelGPT");
+  app.add_option("--dtype", settings.dtype,
+                 "the parameters' dtype: auto (default: as the files store them), float32, bfloat16 or float16");
   app.add_option("--pp", settings.pp, "pipeline stages (see --tp)");
   app.add_option("--positions", settings.positions,
                  "the positions (dim 1) to dump: all (default), last, A:B or i,j,k (negatives count from the end)");
@@ -585,12 +666,23 @@ int run(int argc, char** argv) {
 
   torch::NoGradGuard no_grad;
   const auto options = flexmodel::FlexModelOptions().tp(settings.tp).pp(settings.pp).dp(dp).outputs(false);
-  auto module = flexmodel::load_torchscript(settings.model_path);
-  settings.slice = dump_slice(settings, module);
+  const std::optional<torch::Dtype> dtype = parse_dtype(settings.dtype);
+  // A directory is a Hugging Face checkpoint: its config.json tells the
+  // family, heads and vocabulary before any weight is read.
+  const bool checkpoint = std::filesystem::is_directory(settings.model_path);
+  std::optional<flexmodel::hub::ModelConfig> config;
+  torch::jit::Module module;
+  if (checkpoint) {
+    config = flexmodel::hub::read_config(settings.model_path);
+  } else {
+    module = flexmodel::load_torchscript(settings.model_path);
+    if (dtype) module.to(*dtype);
+  }
+  settings.slice = dump_slice(settings, config ? std::optional(heads_of(*config)) : recorded_heads(module));
   const torch::Tensor input = flexmodel::read_npy(settings.input_path);
   FLEXMODEL_CHECK(input.dim() >= 1 && input.size(0) > 0, flexmodel::ShapeError, "'", settings.input_path,
                   "' holds no rows (shape ", input.sizes(), ")");
-  check_token_ids(module, input, settings.input_path);
+  check_token_ids(config ? token_embedding(*config) : token_embedding(module), input, settings.input_path);
   FLEXMODEL_CHECK(settings.heads == "all" || (settings.tp == 1 && settings.pp == 1), flexmodel::ConfigError,
                   "--heads selects the heads to dump, which --tp/--pp do not; the head count they may need is "
                   "--num-heads");
@@ -603,17 +695,39 @@ int run(int argc, char** argv) {
   FLEXMODEL_CHECK(input.size(0) % settings.batch_size % dp == 0, flexmodel::ConfigError, "the last batch has ",
                   input.size(0) % settings.batch_size, " rows, not a multiple of --dp ", dp,
                   "; choose --batch-size so that it is");
+  if (config) {
+    const auto violations = flexmodel::hub::validate_for_mesh(*config, {settings.tp, settings.pp, dp});
+    FLEXMODEL_CHECK(violations.empty(), flexmodel::ConfigError, "'", settings.model_path, "' on --tp ", settings.tp,
+                    " --pp ", settings.pp, ": ", violations.front(),
+                    violations.size() > 1 ? " (flex-inspect --tp/--pp lists every violation)" : "");
+  }
 
   if (settings.dry_run) {
     // The file's module names are the sharded model's too.
-    if (flexmodel::dist::world_rank() == 0) print_dry_run(select(flexmodel::ScriptFlexModel(module), settings), settings.slice);
+    if (flexmodel::dist::world_rank() != 0) return 0;
+    if (config) {
+      print_dry_run(select(flexmodel::FlexModel(flexmodel::hub::load_model(settings.model_path,
+                                                                           flexmodel::hub::LoadOptions().dtype(dtype))),
+                           settings),
+                    settings.slice);
+    } else {
+      print_dry_run(select(flexmodel::ScriptFlexModel(module), settings), settings.slice);
+    }
     return 0;
   }
   // One mesh, one set of communicators, for the layers and the hooks.
   const auto mesh = world > 1 ? flexmodel::dist::Mesh::create({settings.tp, settings.pp, dp}) : nullptr;
   if (mesh != nullptr) check_ranks_agree(mesh->world(), settings, input);
+  const auto meshed = mesh != nullptr ? flexmodel::FlexModelOptions(options).mesh(mesh) : options;
+  if (config) {
+    // Each rank builds its stage and reads its share of the files.
+    flexmodel::FlexModel fm(flexmodel::hub::load_model(settings.model_path,
+                                                       flexmodel::hub::LoadOptions().mesh(mesh).dtype(dtype)),
+                            meshed);
+    return dump_native(fm, settings, input, mesh.get());
+  }
   if (settings.tp == 1 && settings.pp == 1) {
-    flexmodel::ScriptFlexModel fm(module, mesh != nullptr ? flexmodel::FlexModelOptions(options).mesh(mesh) : options);
+    flexmodel::ScriptFlexModel fm(module, meshed);
     const Request request = select(fm, settings);
     register_request(fm, request, settings);
     // The writer is null in the check forward, before the file exists.
@@ -637,22 +751,8 @@ int run(int argc, char** argv) {
   }
   const auto full = flexmodel::models::gpt_from_torchscript(module, "'" + settings.model_path + "'", settings.num_heads);
   flexmodel::parallel::ParallelGPT sharded(*full, mesh);
-  flexmodel::FlexModel fm(sharded, flexmodel::FlexModelOptions(options).mesh(mesh));
-  // The layers declare how their activations are split, so hooks gather them
-  // without an expected shape.
-  const Request request = register_on_every_stage(fm, settings);
-  // Pipeline stages wait for each other: they run every forward to its end.
-  auto forward = [&](const torch::Tensor& batch, flexmodel::io::HDF5Writer* writer) {
-    if (settings.generate > 0) {
-      generate_and_dump(fm, batch.to(torch::kInt64), settings.generate, writer);
-      return;
-    }
-    write_tokens(fm, batch, writer);
-    fm.forward(flexmodel::Groups{"dump"}, batch);
-  };
-  forward(input.narrow(0, 0, dp), nullptr);
-  check_fired(fm, request, &mesh->world());
-  return dump(fm, forward, settings, input, mesh != nullptr ? &mesh->world() : nullptr);
+  flexmodel::FlexModel fm(sharded, meshed);
+  return dump_native(fm, settings, input, mesh.get());
 }
 
 }  // namespace

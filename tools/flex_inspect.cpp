@@ -1,9 +1,15 @@
-// flex-inspect MODEL.pt [--input INPUT.npy ...] [--values] [--json]
-// Prints a TorchScript model's module tree (types, parameter shapes) and, given
-// inputs, the shapes and dtypes every hook point sees in one forward, so that
-// a user finds the names to hook; --values lists each module's value hook
-// points (`<module>::<value>`: op, name, and given inputs shape and dtype).
+// flex-inspect MODEL [--input INPUT.npy ...] [--values] [--tp N --pp N] [--json]
+// Prints a model's module tree (types, parameter shapes) and, given inputs,
+// the shapes and dtypes every hook point sees in one forward, so that a user
+// finds the names to hook. MODEL is a TorchScript file or a Hugging Face
+// checkpoint directory (config.json and safetensors), whose capabilities
+// (tensor- and pipeline-parallel plans) it prints too, and with --tp/--pp
+// what stops the model from running on that mesh. --values lists each
+// TorchScript module's value hook points (`<module>::<value>`: op, name, and
+// given inputs shape and dtype).
 #include <algorithm>
+#include <filesystem>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <set>
@@ -13,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include <flexmodel/flexmodel.h>
+#include <flexmodel/hub.h>
 #include <flexmodel/npy.h>
 #include <flexmodel/torchscript.h>
 
@@ -56,6 +63,75 @@ void add_values(flexmodel::ScriptFlexModel& fm, json& report) {
   }
 }
 
+// Runs `forward` with hooks on every hook point and records, per module, the
+// tensors it received and returned. A TorchScript model names each leaf of a
+// structured input or output; a native model's leaves are unnamed.
+template <class Model>
+void add_hook_facts(Model& fm, const std::vector<std::string>& hook_points, json& report,
+                    const std::function<void()>& forward) {
+  for (const auto& name : hook_points) {
+    for (auto type : {flexmodel::HookType::forward, flexmodel::HookType::forward_pre}) {
+      fm.register_hook_function(flexmodel::HookFunction(name).unpack_idx(flexmodel::HookFunction::kAllLeaves), type);
+    }
+  }
+  constexpr bool names_leaves = requires { fm.record_leaf_names(true); };
+  if constexpr (names_leaves) fm.record_leaf_names(true);
+  {
+    torch::NoGradGuard no_grad;
+    forward();
+  }
+  for (auto& module : report["modules"]) {
+    const std::string name = module["name"];
+    for (auto [type, key] : {std::pair{flexmodel::HookType::forward, "outputs"},
+                             std::pair{flexmodel::HookType::forward_pre, "inputs"}}) {
+      if (!fm.outputs().contains(name, type)) continue;
+      std::vector<std::string> leaves;
+      if constexpr (names_leaves) leaves = fm.leaf_names(name, type);
+      const auto& tensors = fm.outputs().at(name, type);
+      module[key] = json::array();
+      for (std::size_t i = 0; i < tensors.size(); ++i) {
+        module[key].push_back(tensor_facts(tensors[i], i < leaves.size() ? leaves[i] : std::string()));
+      }
+    }
+  }
+}
+
+// A Hugging Face checkpoint directory: its family's model in one process, its
+// capabilities, and what a --tp/--pp mesh would violate.
+json inspect_checkpoint(const std::string& directory, const std::vector<std::string>& input_paths,
+                        const flexmodel::dist::MeshShape& mesh) {
+  flexmodel::hub::LoadReport loaded;
+  const auto model = flexmodel::hub::load_model(directory, {}, &loaded);
+  const auto capabilities = model->capabilities();
+  json report{{"model", directory},
+              {"type", capabilities.architecture},
+              {"family", capabilities.family},
+              {"dtype", flexmodel::dtype_name(loaded.stored_dtype)},
+              {"supports", {{"data_parallel", true}, {"tensor_parallel", capabilities.tensor_parallel},
+                            {"pipeline_parallel", capabilities.pipeline_parallel}}},
+              {"tensor_parallel_plan", capabilities.tensor_parallel_plan},
+              {"pipeline_plan", capabilities.pipeline_plan},
+              {"modules", json::array()}};
+  if (mesh.tp > 1 || mesh.pp > 1) {
+    report["mesh"] = {{"tp", mesh.tp}, {"pp", mesh.pp},
+                      {"violations", flexmodel::hub::validate_for_mesh(flexmodel::hub::read_config(directory), mesh)}};
+  }
+  for (const auto& named : model->named_modules()) {
+    json module{{"name", named.key()}, {"type", named.value()->name()}, {"parameters", json::object()}, {"hookable", true}};
+    for (const auto& parameter : named.value()->named_parameters(/*recurse=*/false)) {
+      module["parameters"][parameter.key()] = parameter.value().sizes().vec();
+    }
+    report["modules"].push_back(std::move(module));
+  }
+  if (input_paths.empty()) return report;
+  FLEXMODEL_CHECK(input_paths.size() == 1, flexmodel::ConfigError, "a causal LM takes one input, token ids [batch, "
+                  "positions]; got ", input_paths.size(), " --input files");
+  const torch::Tensor tokens = flexmodel::read_npy(input_paths.front()).to(torch::kLong);
+  flexmodel::FlexModel fm(model);
+  add_hook_facts(fm, capabilities.hook_points, report, [&] { fm.forward(tokens); });
+  return report;
+}
+
 json inspect(const std::string& model_path, const std::vector<std::string>& input_paths, bool values) {
   flexmodel::ScriptFlexModel fm(model_path);
   const torch::jit::Module& model = fm.module();
@@ -86,31 +162,13 @@ json inspect(const std::string& model_path, const std::vector<std::string>& inpu
 
   std::vector<torch::IValue> inputs;
   for (const auto& path : input_paths) inputs.emplace_back(flexmodel::read_npy(path));
-  for (const auto& name : selection.names) {
-    for (auto type : {flexmodel::HookType::forward, flexmodel::HookType::forward_pre}) {
-      fm.register_hook_function(flexmodel::HookFunction(name).unpack_idx(flexmodel::HookFunction::kAllLeaves), type);
-    }
-  }
   for (const auto& module : report["modules"]) {
     for (const auto& value : module.value("values", json::array())) {
       fm.register_forward_hook(flexmodel::HookFunction(value["point"].get<std::string>()));
     }
   }
-  fm.record_leaf_names(true);
-  torch::NoGradGuard no_grad;
-  fm.forward(std::move(inputs));
+  add_hook_facts(fm, selection.names, report, [&] { fm.forward(std::move(inputs)); });
   for (auto& module : report["modules"]) {
-    const std::string name = module["name"];
-    for (auto [type, key] : {std::pair{flexmodel::HookType::forward, "outputs"},
-                             std::pair{flexmodel::HookType::forward_pre, "inputs"}}) {
-      if (!fm.outputs().contains(name, type)) continue;
-      const auto leaves = fm.leaf_names(name, type);
-      const auto& tensors = fm.outputs().at(name, type);
-      module[key] = json::array();
-      for (std::size_t i = 0; i < tensors.size(); ++i) {
-        module[key].push_back(tensor_facts(tensors[i], i < leaves.size() ? leaves[i] : std::string()));
-      }
-    }
     if (!module.contains("values")) continue;
     for (auto& value : module["values"]) {
       // A value on a branch that did not run has no shape.
@@ -162,8 +220,23 @@ void print_values(const json& report) {
 }
 
 void print_text(const json& report) {
+  const auto& supports = report["supports"];
+  auto yes = [&](const char* kind) { return supports[kind].get<bool>() ? "yes" : "no"; };
   std::cout << report["model"].get<std::string>() << " (" << report["type"].get<std::string>()
-            << "); parallelism: data yes, tensor no, pipeline no\n";
+            << "); parallelism: data " << yes("data_parallel") << ", tensor " << yes("tensor_parallel") << ", pipeline "
+            << yes("pipeline_parallel") << "\n";
+  if (report.contains("tensor_parallel_plan")) {
+    std::cout << "family " << report["family"].get<std::string>() << ", stored as " << report["dtype"].get<std::string>()
+              << "\ntensor-parallel plan:\n";
+    for (const auto& line : report["tensor_parallel_plan"]) std::cout << "  " << line.get<std::string>() << "\n";
+    std::cout << "pipeline plan: " << report["pipeline_plan"].get<std::string>() << "\n";
+  }
+  if (report.contains("mesh")) {
+    const auto& mesh = report["mesh"];
+    std::cout << "on tp " << mesh["tp"] << " × pp " << mesh["pp"] << ": "
+              << (mesh["violations"].empty() ? "runs" : "cannot run") << "\n";
+    for (const auto& line : mesh["violations"]) std::cout << "  " << line.get<std::string>() << "\n";
+  }
   const bool ran = std::any_of(report["modules"].begin(), report["modules"].end(),
                                [](const json& module) { return module.contains("outputs"); });
   std::vector<std::vector<std::string>> rows{{"MODULE", "TYPE", "PARAMETERS"}};
@@ -201,14 +274,21 @@ void print_text(const json& report) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Prints a TorchScript model's hook points: module tree, types, parameter shapes and, given inputs, "
+  CLI::App app{"Prints a TorchScript model's or a Hugging Face checkpoint's hook points: module tree, types, parameter shapes and, given inputs, "
                "what each module receives and returns in one forward.",
                "flex-inspect"};
   std::string model_path;
   std::vector<std::string> input_paths;
   bool as_json = false;
   bool values = false;
-  app.add_option("model", model_path, "TorchScript file (torch.jit.save output)")->required();
+  app.add_option("model", model_path,
+                 "TorchScript file (torch.jit.save output), or a Hugging Face checkpoint directory (config.json and "
+                 "model.safetensors or its shards)")
+      ->required();
+  flexmodel::dist::MeshShape mesh;
+  app.add_option("--tp", mesh.tp, "with a checkpoint directory: check that the model splits over this many "
+                                  "tensor-parallel ranks, listing what does not");
+  app.add_option("--pp", mesh.pp, "with a checkpoint directory: the same for pipeline stages");
   app.add_option("--input", input_paths, ".npy file for each forward argument, in order");
   app.add_flag("--values", values,
                "list each module's value hook points (<module>::<op>.<k> or <module>::<name>), with shapes when "
@@ -216,7 +296,13 @@ int main(int argc, char** argv) {
   app.add_flag("--json", as_json, "print JSON instead of a table");
   CLI11_PARSE(app, argc, argv);
   try {
-    json report = inspect(model_path, input_paths, values);
+    // A directory is a checkpoint: one without config.json is an error saying so.
+    const bool checkpoint = std::filesystem::is_directory(model_path);
+    FLEXMODEL_CHECK(checkpoint || (mesh.tp == 1 && mesh.pp == 1), flexmodel::ConfigError,
+                    "--tp and --pp check a Hugging Face checkpoint directory; '", model_path, "' is not one");
+    FLEXMODEL_CHECK(!checkpoint || !values, flexmodel::ConfigError,
+                    "--values lists a TorchScript graph's values; a checkpoint's model has module hook points only");
+    json report = checkpoint ? inspect_checkpoint(model_path, input_paths, mesh) : inspect(model_path, input_paths, values);
     if (as_json) {
       std::cout << report.dump(2) << "\n";
     } else {

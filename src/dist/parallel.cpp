@@ -7,84 +7,146 @@
 namespace flexmodel::parallel {
 namespace {
 
-std::int64_t shard_of(std::int64_t full, const dist::Mesh& mesh, const char* what) {
-  FLEXMODEL_CHECK(full % mesh.shape().tp == 0, ConfigError, what, " of ", full, " does not split over tp ",
-                  mesh.shape().tp, "; choose sizes divisible by tp");
-  return full / mesh.shape().tp;
+std::int64_t tp_size(const dist::Mesh* mesh) { return mesh != nullptr ? mesh->shape().tp : 1; }
+std::int64_t tp_rank(const dist::Mesh* mesh) { return mesh != nullptr ? mesh->tp_rank() : 0; }
+
+std::int64_t shard_of(std::int64_t full, const dist::Mesh* mesh, const char* what) {
+  FLEXMODEL_CHECK(full % tp_size(mesh) == 0, ConfigError, what, " of ", full, " does not split over tp ",
+                  tp_size(mesh), "; choose sizes divisible by tp");
+  return full / tp_size(mesh);
+}
+
+// Dimension `dim` of a weight stored in `layout` that holds its output (or input) features.
+std::int64_t output_dim(WeightLayout layout) { return layout == WeightLayout::out_in ? 0 : 1; }
+std::int64_t input_dim(WeightLayout layout) { return 1 - output_dim(layout); }
+
+torch::Tensor empty_weight(WeightLayout layout, std::int64_t out, std::int64_t in) {
+  return layout == WeightLayout::out_in ? torch::empty({out, in}) : torch::empty({in, out});
+}
+
+torch::Tensor apply_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                           WeightLayout layout) {
+  return torch::linear(x, layout == WeightLayout::out_in ? weight : weight.t(), bias);
 }
 
 }  // namespace
 
+ShardRows shard_rows(std::int64_t full, std::int64_t ranks, std::int64_t rank) {
+  const std::int64_t size = (full + ranks - 1) / ranks, first = std::min(full, size * rank);
+  return {first, std::min(size, full - first), size};
+}
+
+StageLayers stage_layers(std::int64_t layers, std::int64_t stages, std::int64_t stage) {
+  const std::int64_t first = stage * layers / stages;
+  return {first, (stage + 1) * layers / stages - first};
+}
+
+ShardedActivationImpl::ShardedActivationImpl(std::string function) : function_(std::move(function)) {
+  if (function_ == "swish") function_ = "silu";
+  FLEXMODEL_CHECK(function_ == "gelu" || function_ == "gelu_new" || function_ == "gelu_pytorch_tanh" ||
+                      function_ == "relu" || function_ == "silu",
+                  ConfigError, "activation '", function_, "' is not supported; supported: ", supported());
+}
+
+const char* ShardedActivationImpl::supported() { return "gelu, gelu_new, gelu_pytorch_tanh, relu, silu, swish"; }
+
+torch::Tensor ShardedActivationImpl::forward(const torch::Tensor& x) {
+  if (function_ == "gelu") return torch::gelu(x);
+  if (function_ == "relu") return torch::relu(x);
+  if (function_ == "silu") return torch::silu(x);
+  return torch::gelu(x, "tanh");
+}
+
 ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features,
                                                    std::int64_t out_features, bool with_bias, bool gather_output,
-                                                   std::int64_t blocks)
-    : mesh_(std::move(mesh)), gather_output_(gather_output), blocks_(blocks) {
+                                                   std::int64_t blocks, WeightLayout layout)
+    : mesh_(std::move(mesh)), out_features_(out_features), gather_output_(gather_output), blocks_(blocks),
+      layout_(layout) {
   FLEXMODEL_CHECK(blocks >= 1 && out_features % blocks == 0, ConfigError, "ColumnParallelLinear: out_features ",
                   out_features, " is not ", blocks, " equal blocks");
-  shard_of(out_features / blocks, *mesh_, "ColumnParallelLinear: a block's out_features");
-  const auto rows = shard_of(out_features, *mesh_, "ColumnParallelLinear: out_features");
-  weight = register_parameter("weight", torch::empty({rows, in_features}));
+  // Only a gathered output can be cut back to out_features: a split one has equal shards.
+  std::int64_t rows = 0;
+  if (gather_output && blocks == 1) {
+    rows = shard_rows(out_features, tp_size(mesh_.get()), tp_rank(mesh_.get())).size;
+  } else {
+    shard_of(out_features / blocks, mesh_.get(), "ColumnParallelLinear: a block's out_features");
+    rows = out_features / tp_size(mesh_.get());
+  }
+  weight = register_parameter("weight", empty_weight(layout_, rows, in_features));
   if (with_bias) bias = register_parameter("bias", torch::zeros({rows}));
 }
 
 torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
-  torch::Tensor local = torch::linear(x, weight, bias);
-  return gather_output_ ? mesh_->tp_group().all_gather(local, -1 + local.dim()) : local;
+  torch::Tensor local = apply_linear(x, weight, bias, layout_);
+  if (!gather_output_ || mesh_ == nullptr) return local;
+  const torch::Tensor full = mesh_->tp_group().all_gather(local, -1 + local.dim());
+  return full.size(-1) == out_features_ ? full : full.narrow(-1, 0, out_features_);
 }
 
 void ColumnParallelLinearImpl::load_full(const torch::Tensor& full_weight, const torch::Tensor& full_bias) {
   torch::NoGradGuard no_grad;
-  auto pick = [&](const torch::Tensor& full) {
+  const auto ranks = tp_size(mesh_.get()), rank = tp_rank(mesh_.get());
+  auto pick = [&](const torch::Tensor& full, std::int64_t dim) {
+    if (blocks_ == 1) {
+      const auto rows = shard_rows(full.size(dim), ranks, rank);
+      auto sizes = full.sizes().vec();
+      sizes[static_cast<std::size_t>(dim)] = rows.size;
+      torch::Tensor shard = torch::zeros(sizes, full.options());
+      shard.narrow(dim, 0, rows.count).copy_(full.narrow(dim, rows.first, rows.count));
+      return shard;
+    }
     std::vector<torch::Tensor> parts;
-    for (const auto& block : full.chunk(blocks_, 0)) parts.push_back(block.chunk(mesh_->shape().tp, 0)[mesh_->tp_rank()]);
-    return torch::cat(parts, 0);
+    for (const auto& block : full.chunk(blocks_, dim)) parts.push_back(block.chunk(ranks, dim)[rank]);
+    return torch::cat(parts, dim);
   };
-  weight.copy_(pick(full_weight));
-  if (bias.defined() && full_bias.defined()) bias.copy_(pick(full_bias));
+  weight.copy_(pick(full_weight, output_dim(layout_)));
+  if (bias.defined() && full_bias.defined()) bias.copy_(pick(full_bias, 0));
 }
 
 dist::Sharding ColumnParallelLinearImpl::output_sharding(std::size_t) const {
   return gather_output_ ? dist::Sharding::replicated() : dist::Sharding::split(-1, blocks_);
 }
 
-dist::Sharding ColumnParallelLinearImpl::parameter_sharding(const std::string&) const {
-  return dist::Sharding::split(0, blocks_);
+dist::Sharding ColumnParallelLinearImpl::parameter_sharding(const std::string& name) const {
+  return dist::Sharding::split(name == "weight" ? output_dim(layout_) : 0, blocks_);
 }
 
 RowParallelLinearImpl::RowParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features,
-                                             std::int64_t out_features, bool with_bias)
-    : mesh_(std::move(mesh)) {
-  const auto columns = shard_of(in_features, *mesh_, "RowParallelLinear: in_features");
-  weight = register_parameter("weight", torch::empty({out_features, columns}));
+                                             std::int64_t out_features, bool with_bias, WeightLayout layout)
+    : mesh_(std::move(mesh)), layout_(layout) {
+  const auto columns = shard_of(in_features, mesh_.get(), "RowParallelLinear: in_features");
+  weight = register_parameter("weight", empty_weight(layout_, out_features, columns));
   if (with_bias) bias = register_parameter("bias", torch::zeros({out_features}));
 }
 
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
-  torch::Tensor summed = mesh_->tp_group().all_reduce_sum(torch::linear(x, weight));
+  if (mesh_ == nullptr) return apply_linear(x, weight, bias, layout_);
+  torch::Tensor summed = mesh_->tp_group().all_reduce_sum(apply_linear(x, weight, {}, layout_));
   return bias.defined() ? summed + bias : summed;
 }
 
 void RowParallelLinearImpl::load_full(const torch::Tensor& full_weight, const torch::Tensor& full_bias) {
   torch::NoGradGuard no_grad;
-  weight.copy_(full_weight.chunk(mesh_->shape().tp, 1)[mesh_->tp_rank()]);
+  weight.copy_(full_weight.chunk(tp_size(mesh_.get()), input_dim(layout_))[tp_rank(mesh_.get())]);
   if (bias.defined() && full_bias.defined()) bias.copy_(full_bias);
 }
 
 dist::Sharding RowParallelLinearImpl::input_sharding(std::size_t) const { return dist::Sharding::split(-1); }
 
 dist::Sharding RowParallelLinearImpl::parameter_sharding(const std::string& name) const {
-  return name == "weight" ? dist::Sharding::split(1) : dist::Sharding::replicated();
+  return name == "weight" ? dist::Sharding::split(input_dim(layout_)) : dist::Sharding::replicated();
 }
 
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t vocab_size,
                                                        std::int64_t dim)
     : mesh_(std::move(mesh)) {
-  const auto rows = shard_of(vocab_size, *mesh_, "VocabParallelEmbedding: vocab_size");
-  first_row_ = rows * mesh_->tp_rank();
-  weight = register_parameter("weight", torch::empty({rows, dim}));
+  const auto rows = shard_rows(vocab_size, tp_size(mesh_.get()), tp_rank(mesh_.get()));
+  first_row_ = rows.first;
+  weight = register_parameter("weight", torch::empty({rows.size, dim}));
 }
 
 torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& tokens) {
+  if (mesh_ == nullptr) return torch::embedding(weight, tokens);
   // Tokens outside this rank's rows look up row 0 and are zeroed; the sum over
   // the group leaves each token its one owner's row.
   const auto outside = (tokens < first_row_) | (tokens >= first_row_ + weight.size(0));
@@ -94,18 +156,17 @@ torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& tokens) {
 
 void VocabParallelEmbeddingImpl::load_full(const torch::Tensor& full_weight) {
   torch::NoGradGuard no_grad;
-  weight.copy_(full_weight.chunk(mesh_->shape().tp, 0)[mesh_->tp_rank()]);
+  const auto rows = shard_rows(full_weight.size(0), tp_size(mesh_.get()), tp_rank(mesh_.get()));
+  weight.zero_();
+  weight.narrow(0, 0, rows.count).copy_(full_weight.narrow(0, rows.first, rows.count));
 }
 
 dist::Sharding VocabParallelEmbeddingImpl::parameter_sharding(const std::string&) const {
   return dist::Sharding::split(0);
 }
 
-dist::Sharding ShardedGELUImpl::input_sharding(std::size_t) const { return dist::Sharding::split(-1); }
-dist::Sharding ShardedGELUImpl::output_sharding(std::size_t) const { return dist::Sharding::split(-1); }
-
 ParallelAttentionImpl::ParallelAttentionImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options)
-    : local_heads_(shard_of(options.n_heads(), *mesh, "ParallelAttention: n_heads")) {
+    : local_heads_(shard_of(options.n_heads(), mesh.get(), "ParallelAttention: n_heads")) {
   qkv = register_module("qkv", ColumnParallelLinear(mesh, options.d_model(), 3 * options.d_model(), /*bias=*/true,
                                                     /*gather_output=*/false, /*blocks=*/3));
   proj = register_module("proj", RowParallelLinear(mesh, options.d_model(), options.d_model()));
@@ -130,7 +191,7 @@ std::tuple<torch::Tensor, torch::Tensor> ParallelAttentionImpl::forward(const to
 
 ParallelMLPImpl::ParallelMLPImpl(std::shared_ptr<dist::Mesh> mesh, const models::GPTOptions& options) {
   fc_in = register_module("fc_in", ColumnParallelLinear(mesh, options.d_model(), options.d_mlp()));
-  act = register_module("act", ShardedGELU());
+  act = register_module("act", ShardedActivation("gelu"));
   fc_out = register_module("fc_out", RowParallelLinear(mesh, options.d_mlp(), options.d_model()));
 }
 
@@ -194,36 +255,47 @@ ParallelGPTImpl::ParallelGPTImpl(const models::GPTImpl& full, std::shared_ptr<di
   }
 }
 
+torch::Tensor run_pipeline_stage(const dist::Mesh* mesh, const torch::Tensor& tokens, std::int64_t width,
+                                 std::int64_t vocab, const torch::TensorOptions& hidden, const StageSteps& steps) {
+  const std::int64_t stages = mesh != nullptr ? mesh->shape().pp : 1, stage = mesh != nullptr ? mesh->pp_rank() : 0;
+  if (stages == 1) return steps.head(steps.layers(steps.embed()));
+  dist::Communicator& group = mesh->pp_group();
+  const auto batch = tokens.size(0), time = tokens.size(1);
+  torch::Tensor h;
+  if (stage == 0) {
+    h = steps.embed();
+  } else {
+    h = torch::empty({batch, time, width}, hidden);
+    group.recv(h, static_cast<int>(stage - 1));
+  }
+  h = steps.layers(h);
+  if (stage + 1 < stages) {
+    group.send(h, static_cast<int>(stage + 1));
+    if (stage != 0) return {};
+    torch::Tensor logits = torch::empty({batch, time, vocab}, hidden);
+    group.recv(logits, static_cast<int>(stages - 1));
+    return logits;
+  }
+  group.send(steps.head(h), 0);
+  return {};
+}
+
 torch::Tensor ParallelGPTImpl::forward(const torch::Tensor& tokens) {
   FLEXMODEL_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong, ShapeError,
                   "ParallelGPT expects int64 tokens of shape [batch, time], got ", tokens.scalar_type(), " ",
                   tokens.sizes());
-  dist::Communicator& stages = mesh_->pp_group();
-  const auto batch = tokens.size(0), time = tokens.size(1);
-  torch::Tensor h;
-  if (first_stage()) {
-    auto positions = torch::arange(time, torch::TensorOptions().dtype(torch::kLong).device(tokens.device()));
-    h = embed_tokens(tokens) + embed_positions(positions);
-  } else {
-    h = torch::empty({batch, time, options_.d_model()});
-    stages.recv(h, static_cast<int>(mesh_->pp_rank() - 1));
-  }
-  for (auto& block : blocks) h = block(h);
-  if (!last_stage()) {
-    stages.send(h, static_cast<int>(mesh_->pp_rank() + 1));
-  }
-  torch::Tensor logits;
-  if (last_stage()) logits = lm_head(norm(h));
-  if (mesh_->shape().pp > 1) {
-    if (last_stage()) {
-      stages.send(logits, 0);
-      logits = torch::Tensor();
-    } else if (first_stage()) {
-      logits = torch::empty({batch, time, options_.vocab_size()});
-      stages.recv(logits, static_cast<int>(mesh_->shape().pp - 1));
-    }
-  }
-  return logits;
+  StageSteps steps;
+  steps.embed = [&] {
+    auto positions = torch::arange(tokens.size(1), torch::TensorOptions().dtype(torch::kLong).device(tokens.device()));
+    return embed_tokens(tokens) + embed_positions(positions);
+  };
+  steps.layers = [&](torch::Tensor h) {
+    for (auto& block : blocks) h = block(h);
+    return h;
+  };
+  steps.head = [&](const torch::Tensor& h) { return lm_head(norm(h)); };
+  return run_pipeline_stage(mesh_.get(), tokens, options_.d_model(), options_.vocab_size(),
+                            torch::TensorOptions().dtype(torch::kFloat32).device(tokens.device()), steps);
 }
 
 }  // namespace flexmodel::parallel
