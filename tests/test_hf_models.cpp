@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <tuple>
 
 #include "flexmodel/flexmodel.h"
 #include "flexmodel/hub.h"
@@ -95,6 +96,8 @@ TEST_P(HfCheckpointTest, LogitsAndEveryHookPointEqualPyTorchs) {
       ASSERT_TRUE(fm.outputs().contains(name, type)) << prefix << name << " did not fire";
       const auto& ours = fm.outputs().at(name, type);
       EXPECT_TRUE(reference.close(ours[0], expected->second)) << prefix << name;
+      // In one process bf16 rounds as PyTorch's eager model does, op for op.
+      if (reference.bf16()) EXPECT_TRUE(torch::equal(ours[0], expected->second)) << prefix << name << " in bf16";
       // Further leaves the reference kept (the rotary table's sin) as <key>#<leaf>.
       for (std::size_t leaf = 1; leaf < ours.size(); ++leaf) {
         const auto further = reference.tensors.find(prefix + name + "#" + std::to_string(leaf));
@@ -133,9 +136,12 @@ TEST_P(HfCheckpointTest, EditsGivePyTorchsEditedLogits) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfCheckpointTest,
                          ::testing::Values("gpt2", "gpt2_sharded", "llama", "llama_bf16", "mistral", "qwen2"));
 
-// A copy of a fixture checkpoint with its config.json's keys changed (null: removed).
-std::string config_variant(const TempDir& temp, const std::string& fixture, const nlohmann::json& changes) {
+// A copy of a fixture checkpoint with its config.json's keys changed (null:
+// removed) and the keys `nulls` written as null.
+std::string config_variant(const TempDir& temp, const std::string& fixture, const nlohmann::json& changes,
+                           const std::vector<std::string>& nulls = {}) {
   const auto directory = temp.path() / fixture;
+  std::filesystem::remove_all(directory);
   std::filesystem::copy(kHfFixtures + "/" + fixture, directory, std::filesystem::copy_options::recursive);
   std::ifstream in(directory / "config.json");
   auto config = nlohmann::json::parse(in);
@@ -146,6 +152,7 @@ std::string config_variant(const TempDir& temp, const std::string& fixture, cons
       config[key] = value;
     }
   }
+  for (const auto& key : nulls) config[key] = nullptr;
   std::ofstream(directory / "config.json") << config.dump(2);
   return directory.string();
 }
@@ -169,6 +176,28 @@ TEST(HfConfig, KeysLeftOutTakeHuggingFacesDefaults) {
   EXPECT_EQ(std::get<models::LlamaConfig>(hub::read_config(kHfFixtures + "/mistral")).sliding_window(), 4);
 }
 
+// A null is Hugging Face's None, which for some keys means other than the default.
+TEST(HfConfig, NullAndNewerKeysMeanWhatTheyMeanInHuggingFaces) {
+  TempDir temp;
+  const auto mistral = std::get<models::LlamaConfig>(
+      hub::read_config(config_variant(temp, "mistral", {}, {"sliding_window", "num_key_value_heads"})));
+  EXPECT_EQ(mistral.sliding_window(), 0) << "null is no window, not Mistral's default 4096";
+  EXPECT_EQ(mistral.kv_heads(), mistral.num_attention_heads());
+  // Left out, Mistral's defaults.
+  const auto defaults = std::get<models::LlamaConfig>(
+      hub::read_config(config_variant(temp, "mistral", {{"sliding_window", nullptr}})));
+  EXPECT_EQ(defaults.sliding_window(), 4096);
+  // transformers 5 writes rope_theta inside rope_parameters.
+  const auto rope = std::get<models::LlamaConfig>(hub::read_config(config_variant(
+      temp, "llama", {{"rope_theta", nullptr}, {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 250000.0}}}})));
+  EXPECT_EQ(rope.rope_theta(), 250000.0);
+  const auto gpt2 = std::get<models::GPT2Config>(
+      hub::read_config(config_variant(temp, "gpt2", {{"attn_pdrop", 0.0}, {"initializer_range", 0.5}})));
+  EXPECT_EQ(gpt2.attn_pdrop(), 0.0);
+  EXPECT_EQ(gpt2.resid_pdrop(), 0.1);
+  EXPECT_EQ(gpt2.initializer_range(), 0.5);
+}
+
 TEST(HfConfig, WhatCannotBeHonouredIsAnErrorNamingTheFileAndTheKey) {
   TempDir temp;
   auto error = [&](const std::string& fixture, const nlohmann::json& changes) {
@@ -178,20 +207,27 @@ TEST(HfConfig, WhatCannotBeHonouredIsAnErrorNamingTheFileAndTheKey) {
   EXPECT_NE(unknown.find("config.json': model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2"),
             std::string::npos)
       << unknown;
-  std::filesystem::remove_all(temp.path() / "gpt2");
   EXPECT_NE(error("gpt2", {{"model_type", nullptr}}).find("has no 'model_type'"), std::string::npos);
   EXPECT_NE(error("llama", {{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}}).find("'rope_scaling'"),
             std::string::npos);
-  std::filesystem::remove_all(temp.path() / "llama");
   EXPECT_NE(error("llama", {{"hidden_act", "mish"}}).find("'hidden_act' = \"mish\" is not supported"), std::string::npos);
-  std::filesystem::remove_all(temp.path() / "llama");
   EXPECT_NE(error("llama", {{"num_hidden_layers", "four"}}).find("key 'num_hidden_layers' holds \"four\", not an integer"),
             std::string::npos);
-  std::filesystem::remove_all(temp.path() / "gpt2");
   EXPECT_NE(error("gpt2", {{"scale_attn_by_inverse_layer_idx", true}}).find("'scale_attn_by_inverse_layer_idx'"),
             std::string::npos);
   EXPECT_NE(error_of([&] { hub::read_config(temp.path().string()); }).find("has no readable config.json"),
             std::string::npos);
+  // Keys that change what the model computes, which it does not implement.
+  for (const auto& [fixture, changes, key] : std::vector<std::tuple<std::string, nlohmann::json, std::string>>{
+           {"llama", {{"rope_parameters", {{"rope_type", "llama3"}, {"factor", 8.0}}}}, "'rope_type'"},
+           {"llama", {{"pretraining_tp", 2}}, "'pretraining_tp' = 2"},
+           {"llama", {{"attention_dropout", 0.1}}, "'attention_dropout' = 0.1"},
+           {"qwen2", {{"layer_types", {"full_attention", "sliding_attention"}}}, "'layer_types' holds \"sliding_attention\""},
+           {"gpt2", {{"reorder_and_upcast_attn", true}}, "'reorder_and_upcast_attn' = true"}}) {
+    const auto message = error(fixture, changes);
+    EXPECT_NE(message.find(key), std::string::npos) << message;
+    EXPECT_NE(message.find("config.json"), std::string::npos) << message;
+  }
 }
 
 TEST(HfCheckpoint, AMissingUnexpectedOrMisshapenTensorIsAnErrorNamingItAndTheFile) {
@@ -244,6 +280,12 @@ TEST(Hub, FamiliesArchitecturesAndANewModel) {
   EXPECT_TRUE(torch::equal(model->named_parameters()["model.norm.weight"], torch::ones({16}, torch::kBFloat16)));
   const auto logits = model->forward(torch::randint(0, 50, {2, 5}, torch::kLong));
   EXPECT_EQ(logits.sizes(), (c10::IntArrayRef{2, 5, 50}));
+  // Cast to bf16, a tied head is still its embedding's very tensor.
+  auto tied_config = config;
+  const auto tied = hub::create_new_model(tied_config.tie_word_embeddings(true), hub::LoadOptions().dtype(torch::kBFloat16));
+  auto tied_parameters = tied->named_parameters();
+  EXPECT_EQ(tied_parameters["lm_head.weight"].data_ptr(), tied_parameters["model.embed_tokens.weight"].data_ptr());
+  EXPECT_EQ(tied_parameters["lm_head.weight"].scalar_type(), torch::kBFloat16);
   EXPECT_TRUE(torch::isfinite(logits).all().item<bool>());
 }
 
@@ -257,6 +299,11 @@ TEST(Hub, ValidateForMeshListsEveryViolationWithItsFix) {
   EXPECT_NE(violations[2].find("intermediate_size (1020)"), std::string::npos);
   EXPECT_EQ(violations[3], "pp 4 exceeds the 2 layers; choose pp of at most 2");
   EXPECT_TRUE(hub::validate_for_mesh(config, {4, 2, 3}).empty());
+  // Nothing divides by a zero count: each is a violation.
+  EXPECT_EQ(hub::validate_for_mesh(config, {0, 1, 1}),
+            (std::vector<std::string>{"tp 0 is not a rank count; choose at least 1"}));
+  EXPECT_EQ(hub::validate_for_mesh(models::LlamaConfig().num_attention_heads(0), {2, 1, 1}),
+            (std::vector<std::string>{"num_attention_heads 0 must be positive"}));
   // GPT-2's vocabulary of 50257 does not divide by tp, and need not.
   EXPECT_TRUE(hub::validate_for_mesh(hub::architecture_config("gpt2"), {4, 4, 1}).empty());
 }

@@ -85,6 +85,11 @@ TEST(Npy, EveryMalformedHeaderIsOneLineNamingTheFile) {
                 .find("malformed .npy header"),
             std::string::npos);
   EXPECT_NE(npy_error(write_npy("dtype", dict(">f4", "1,"), "xxxx")).find("holds dtype '>f4'"), std::string::npos);
+  // What the file holds is shown escaped, so the message stays one line.
+  EXPECT_NE(npy_error(write_npy("dtype_newline", dict("|u1\n\x01", "1,"), "x")).find("holds dtype '|u1\\n\\x01'"),
+            std::string::npos);
+  EXPECT_NE(npy_error(write_npy("shape_newline", dict("<f4", "1,\n-2"), "xxxx")).find("has shape (1,\\n-2)"),
+            std::string::npos);
   EXPECT_NE(npy_error(write_npy("fortran", "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }\n", "xxxx"))
                 .find("Fortran-ordered"),
             std::string::npos);

@@ -706,10 +706,8 @@ int run(int argc, char** argv) {
     // The file's module names are the sharded model's too.
     if (flexmodel::dist::world_rank() != 0) return 0;
     if (config) {
-      print_dry_run(select(flexmodel::FlexModel(flexmodel::hub::load_model(settings.model_path,
-                                                                           flexmodel::hub::LoadOptions().dtype(dtype))),
-                           settings),
-                    settings.slice);
+      // Module names need no weights.
+      print_dry_run(select(flexmodel::FlexModel(flexmodel::hub::build_model(*config)), settings), settings.slice);
     } else {
       print_dry_run(select(flexmodel::ScriptFlexModel(module), settings), settings.slice);
     }

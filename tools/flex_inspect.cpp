@@ -100,21 +100,22 @@ void add_hook_facts(Model& fm, const std::vector<std::string>& hook_points, json
 // capabilities, and what a --tp/--pp mesh would violate.
 json inspect_checkpoint(const std::string& directory, const std::vector<std::string>& input_paths,
                         const flexmodel::dist::MeshShape& mesh) {
-  flexmodel::hub::LoadReport loaded;
-  const auto model = flexmodel::hub::load_model(directory, {}, &loaded);
+  // The module tree needs no weights: they are read only to run --input.
+  const auto config = flexmodel::hub::read_config(directory);
+  const auto model = input_paths.empty() ? flexmodel::hub::build_model(config) : flexmodel::hub::load_model(directory);
   const auto capabilities = model->capabilities();
   json report{{"model", directory},
               {"type", capabilities.architecture},
               {"family", capabilities.family},
-              {"dtype", flexmodel::dtype_name(loaded.stored_dtype)},
+              {"dtype", flexmodel::dtype_name(flexmodel::hub::stored_dtype(directory))},
               {"supports", {{"data_parallel", true}, {"tensor_parallel", capabilities.tensor_parallel},
                             {"pipeline_parallel", capabilities.pipeline_parallel}}},
               {"tensor_parallel_plan", capabilities.tensor_parallel_plan},
               {"pipeline_plan", capabilities.pipeline_plan},
               {"modules", json::array()}};
-  if (mesh.tp > 1 || mesh.pp > 1) {
+  if (mesh.tp != 1 || mesh.pp != 1) {
     report["mesh"] = {{"tp", mesh.tp}, {"pp", mesh.pp},
-                      {"violations", flexmodel::hub::validate_for_mesh(flexmodel::hub::read_config(directory), mesh)}};
+                      {"violations", flexmodel::hub::validate_for_mesh(config, mesh)}};
   }
   for (const auto& named : model->named_modules()) {
     json module{{"name", named.key()}, {"type", named.value()->name()}, {"parameters", json::object()}, {"hookable", true}};

@@ -52,10 +52,21 @@ struct LoadOptions {
   TORCH_ARG(torch::Device, device) = torch::kCPU;
 };
 
-// A new model of `config` for this rank of options.mesh(), initialised as
-// Hugging Face initialises one (normal(0, 0.02) weights, zero biases, unit
-// norms; ranks that share a weight hold the same values).
+// A new model of `config` for this rank of options.mesh(), in train mode,
+// initialised as Hugging Face initialises one: weights normal(0,
+// initializer_range) (GPT-2's c_proj divided by √(2 · n_layer)), zero biases,
+// unit norms; ranks that share a weight hold the same values, and a tied head
+// its embedding's on every stage.
 std::shared_ptr<models::CausalLMImpl> create_new_model(const ModelConfig& config, const LoadOptions& options = {});
+
+// The modules of `config` for this rank of options.mesh(), their weights
+// uninitialised memory (untouched, so it costs no RAM until written): what
+// listing a model's modules and shapes needs, without a checkpoint's bytes.
+std::shared_ptr<models::CausalLMImpl> build_model(const ModelConfig& config, const LoadOptions& options = {});
+
+// The dtype a checkpoint directory stores its floating-point weights in, from
+// the files' headers alone.
+torch::Dtype stored_dtype(const std::string& directory);
 
 // What a load read: a rank of a TP×PP mesh reads about 1/(tp·pp) of the bytes stored.
 struct LoadReport {
@@ -67,8 +78,9 @@ struct LoadReport {
 // The model of a checkpoint directory, in eval mode, for this rank of
 // options.mesh(): it builds only its pipeline stage and reads only its
 // shards' bytes. The mesh must pass validate_for_mesh. A missing, misshapen
-// or unexpected tensor is a ConfigError naming it and the file; other files
-// in the directory (tokenizer, generation_config.json) are ignored.
+// or unexpected tensor is a ConfigError naming it and the file (the
+// directory, for a tensor no file holds), raised on every rank alike; other
+// files in the directory (tokenizer, generation_config.json) are ignored.
 std::shared_ptr<models::CausalLMImpl> load_model(const std::string& directory, const LoadOptions& options = {},
                                                  LoadReport* report = nullptr);
 

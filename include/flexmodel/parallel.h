@@ -110,7 +110,8 @@ class ShardedActivationImpl : public torch::nn::Module, public dist::TensorParal
   dist::Sharding input_sharding(std::size_t) const override { return dist::Sharding::split(-1); }
   dist::Sharding output_sharding(std::size_t) const override { return dist::Sharding::split(-1); }
 
-  // The activation names ShardedActivation accepts, for error messages.
+  // The activation names ShardedActivation accepts, and them listed for error messages.
+  static bool is_supported(const std::string& function);
   static const char* supported();
 
  private:

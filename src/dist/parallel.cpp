@@ -1,5 +1,7 @@
 #include "flexmodel/parallel.h"
 
+#include <cmath>
+
 #include <torch/nn/functional.h>
 
 #include "flexmodel/error.h"
@@ -43,9 +45,15 @@ StageLayers stage_layers(std::int64_t layers, std::int64_t stages, std::int64_t 
 
 ShardedActivationImpl::ShardedActivationImpl(std::string function) : function_(std::move(function)) {
   if (function_ == "swish") function_ = "silu";
-  FLEXMODEL_CHECK(function_ == "gelu" || function_ == "gelu_new" || function_ == "gelu_pytorch_tanh" ||
-                      function_ == "relu" || function_ == "silu",
-                  ConfigError, "activation '", function_, "' is not supported; supported: ", supported());
+  FLEXMODEL_CHECK(is_supported(function_), ConfigError, "activation '", function_, "' is not supported; supported: ",
+                  supported());
+}
+
+bool ShardedActivationImpl::is_supported(const std::string& function) {
+  for (const char* name : {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish"}) {
+    if (function == name) return true;
+  }
+  return false;
 }
 
 const char* ShardedActivationImpl::supported() { return "gelu, gelu_new, gelu_pytorch_tanh, relu, silu, swish"; }
@@ -54,7 +62,10 @@ torch::Tensor ShardedActivationImpl::forward(const torch::Tensor& x) {
   if (function_ == "gelu") return torch::gelu(x);
   if (function_ == "relu") return torch::relu(x);
   if (function_ == "silu") return torch::silu(x);
-  return torch::gelu(x, "tanh");
+  if (function_ == "gelu_pytorch_tanh") return torch::gelu(x, "tanh");
+  // gelu_new: Hugging Face's NewGELUActivation op by op, so that bf16 rounds
+  // between the ops as it does there (torch's fused tanh GELU rounds once).
+  return 0.5 * x * (1.0 + torch::tanh(std::sqrt(2.0 / M_PI) * (x + 0.044715 * torch::pow(x, 3.0))));
 }
 
 ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::shared_ptr<dist::Mesh> mesh, std::int64_t in_features,

@@ -19,13 +19,31 @@
 namespace flexmodel {
 namespace {
 
+// Text from the file as a message shows it: control characters escaped
+// (\n, \xNN), so that a message stays one line whatever the file holds.
+std::string shown(const std::string& text) {
+  std::string out;
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (byte < 0x20 || byte == 0x7f) {
+      static const char kHex[] = "0123456789abcdef";
+      out += {'\\', 'x', kHex[byte >> 4], kHex[byte & 15]};
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 c10::ScalarType npy_dtype(const std::string& descr, const std::string& path) {
   static const std::map<std::string, c10::ScalarType> kTypes = {
       {"|b1", torch::kBool},  {"|u1", torch::kUInt8},  {"|i1", torch::kInt8},    {"<i2", torch::kInt16},
       {"<i4", torch::kInt32}, {"<i8", torch::kInt64},  {"<f2", torch::kFloat16}, {"<f4", torch::kFloat32},
       {"<f8", torch::kFloat64}};
   auto found = kTypes.find(descr);
-  FLEXMODEL_CHECK(found != kTypes.end(), IOError, "'", path, "' holds dtype '", descr,
+  FLEXMODEL_CHECK(found != kTypes.end(), IOError, "'", path, "' holds dtype '", shown(descr),
                   "'; expected little-endian bool, int8/16/32/64, uint8 or float16/32/64");
   return found->second;
 }
@@ -35,7 +53,7 @@ c10::ScalarType npy_dtype(const std::string& descr, const std::string& path) {
 std::vector<std::int64_t> parse_shape(const std::string& tuple, std::size_t element_size, std::uintmax_t limit,
                                       const std::string& path) {
   static const std::regex kTuple(R"(^\s*(\d+\s*(,\s*\d+\s*)*,?)?\s*$)");
-  FLEXMODEL_CHECK(std::regex_match(tuple, kTuple), IOError, "'", path, "' has shape (", tuple,
+  FLEXMODEL_CHECK(std::regex_match(tuple, kTuple), IOError, "'", path, "' has shape (", shown(tuple),
                   ") in its .npy header; a shape is a tuple of non-negative integers");
   std::vector<std::int64_t> shape;
   std::uintmax_t bytes = element_size;
@@ -50,7 +68,7 @@ std::vector<std::int64_t> parse_shape(const std::string& tuple, std::size_t elem
     bytes = size != 0 && bytes > limit / size ? limit + 1 : bytes * size;
   }
   if (std::find(shape.begin(), shape.end(), 0) != shape.end()) bytes = 0;
-  FLEXMODEL_CHECK(bytes <= limit, IOError, "'", path, "' has shape (", tuple, ") in its .npy header, more than the ",
+  FLEXMODEL_CHECK(bytes <= limit, IOError, "'", path, "' has shape (", shown(tuple), ") in its .npy header, more than the ",
                   limit, " bytes of data the file holds");
   return shape;
 }

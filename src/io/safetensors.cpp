@@ -506,7 +506,7 @@ void SafetensorsFile::read_into(const std::string& name, std::int64_t dim, std::
                   ConfigError, "'", path_, "': tensor ", quoted(name), " reads as a contiguous CPU ",
                   slice.entry->scalar_type, " ", c10::IntArrayRef(slice.shape), ", not into a ",
                   destination.scalar_type(), " ", destination.sizes(),
-                  destination.is_contiguous() ? "" : " that is not contiguous");
+                  destination.is_contiguous() ? "" : " that is not contiguous", " on ", destination.device());
   copy_out(slice, destination);
 }
 

@@ -6,16 +6,16 @@
 
 namespace flexmodel::models::detail {
 
-torch::Tensor causal_probabilities(const torch::Tensor& q, const torch::Tensor& k, double scale, std::int64_t window) {
-  const auto time = q.size(2), keys = k.size(2);
-  auto scores = torch::matmul(q, k.transpose(-2, -1)) * scale;
-  const auto options = torch::TensorOptions().dtype(torch::kLong).device(q.device());
+torch::Tensor causal_probabilities(const torch::Tensor& scores, bool float32_softmax, std::int64_t window) {
+  const auto time = scores.size(2), keys = scores.size(3);
+  const auto options = torch::TensorOptions().dtype(torch::kLong).device(scores.device());
   // Query i sits at position keys - time + i.
   const auto distance = (torch::arange(time, options).unsqueeze(1) + (keys - time)) - torch::arange(keys, options);
   auto hidden = distance < 0;
   if (window > 0) hidden = hidden | (distance >= window);
-  return torch::softmax(scores.masked_fill(hidden, -std::numeric_limits<double>::infinity()), -1, torch::kFloat)
-      .to(q.scalar_type());
+  const auto masked = scores.masked_fill(hidden, -std::numeric_limits<double>::infinity());
+  if (!float32_softmax) return torch::softmax(masked, -1);
+  return torch::softmax(masked, -1, torch::kFloat).to(scores.scalar_type());
 }
 
 torch::Tensor merge_heads(const torch::Tensor& z) {

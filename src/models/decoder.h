@@ -17,12 +17,12 @@
 
 namespace flexmodel::models::detail {
 
-// Softmax(q kᵀ · scale + causal mask) as Hugging Face's eager attention has
-// it: scores in the inputs' dtype, the softmax in float32 and cast back. q, k
-// [B, H, T, hd]; with `window` > 0 query i sees keys i - window < j ≤ i only
-// (Mistral's sliding window).
-torch::Tensor causal_probabilities(const torch::Tensor& q, const torch::Tensor& k, double scale,
-                                   std::int64_t window = 0);
+// Softmax over scaled scores [B, H, T, T'] under the causal mask, as Hugging
+// Face's eager attention has it: the softmax in float32 and cast back when
+// `float32_softmax` (LLaMA's), else in the scores' dtype (GPT-2's). With
+// `window` > 0 query i sees keys i - window < j ≤ i only (Mistral's sliding
+// window).
+torch::Tensor causal_probabilities(const torch::Tensor& scores, bool float32_softmax, std::int64_t window = 0);
 
 // [B, H, T, hd] → [B, T, H · hd].
 torch::Tensor merge_heads(const torch::Tensor& z);

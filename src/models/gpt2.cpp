@@ -17,8 +17,8 @@ GPT2AttentionImpl::GPT2AttentionImpl(const GPT2Config& config, const std::shared
   local_heads_ = detail::per_rank(config.n_head(), detail::placement(mesh.get()).tp, "GPT-2's n_head");
   c_attn = register_module("c_attn", parallel::ColumnParallelLinear(mesh, d, 3 * d, true, false, 3, WeightLayout::in_out));
   c_proj = register_module("c_proj", parallel::RowParallelLinear(mesh, d, d, true, WeightLayout::in_out));
-  attn_dropout = register_module("attn_dropout", parallel::HeadsDropout(0.1));
-  resid_dropout = register_module("resid_dropout", flexmodel::nn::Dropout(0.1));
+  attn_dropout = register_module("attn_dropout", parallel::HeadsDropout(config.attn_pdrop()));
+  resid_dropout = register_module("resid_dropout", flexmodel::nn::Dropout(config.resid_pdrop()));
 }
 
 std::tuple<torch::Tensor, torch::Tensor> GPT2AttentionImpl::forward(const torch::Tensor& x) {
@@ -26,7 +26,10 @@ std::tuple<torch::Tensor, torch::Tensor> GPT2AttentionImpl::forward(const torch:
   const auto qkv = c_attn(x);
   const auto batch = qkv.size(0), time = qkv.size(1), head_dim = qkv.size(2) / 3 / local_heads_;
   const auto split = qkv.view({batch, time, 3, local_heads_, head_dim}).permute({2, 0, 3, 1, 4});
-  auto probs = attn_dropout(detail::causal_probabilities(split[0], split[1], 1.0 / std::sqrt(double(head_dim))));
+  // Scores divided by √head_dim held in their dtype, as Hugging Face's GPT-2 does.
+  const auto scores = torch::matmul(split[0], split[1].transpose(-1, -2));
+  const auto root = torch::full({}, std::sqrt(static_cast<double>(head_dim)), scores.options());
+  auto probs = attn_dropout(detail::causal_probabilities(scores / root, /*float32_softmax=*/false));
   return {resid_dropout(c_proj(detail::merge_heads(torch::matmul(probs, split[2])))), probs};
 }
 
@@ -41,7 +44,7 @@ GPT2MLPImpl::GPT2MLPImpl(const GPT2Config& config, const std::shared_ptr<dist::M
   c_fc = register_module("c_fc", parallel::ColumnParallelLinear(mesh, d, inner, true, false, 1, WeightLayout::in_out));
   c_proj = register_module("c_proj", parallel::RowParallelLinear(mesh, inner, d, true, WeightLayout::in_out));
   act = register_module("act", parallel::ShardedActivation(config.activation_function()));
-  dropout = register_module("dropout", flexmodel::nn::Dropout(0.1));
+  dropout = register_module("dropout", flexmodel::nn::Dropout(config.resid_pdrop()));
 }
 
 torch::Tensor GPT2MLPImpl::forward(const torch::Tensor& x) { return dropout(c_proj(act(c_fc(x)))); }
@@ -68,7 +71,7 @@ GPT2ModelImpl::GPT2ModelImpl(const GPT2Config& config, const std::shared_ptr<dis
   if (where.first()) {
     wte = register_module("wte", parallel::VocabParallelEmbedding(mesh, config.vocab_size(), config.n_embd()));
     wpe = register_module("wpe", flexmodel::nn::Embedding(config.n_positions(), config.n_embd()));
-    drop = register_module("drop", flexmodel::nn::Dropout(0.1));
+    drop = register_module("drop", flexmodel::nn::Dropout(config.embd_pdrop()));
   }
   h = detail::stage_layers<GPT2Block>(*this, "h", config.n_layer(), where, [&] { return GPT2Block(config, mesh); });
   if (where.last()) {

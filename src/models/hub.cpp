@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -46,6 +47,18 @@ class ConfigKeys {
                     config_.at(key).dump(), " is not supported (", why, ")");
   }
 
+  // A key written as null: for some keys Hugging Face's None means other than its default.
+  bool is_null(const std::string& key) const {
+    const auto found = config_.find(key);
+    return found != config_.end() && found->is_null();
+  }
+
+  // The key's value, or null when it is left out.
+  const json* find(const std::string& key) const {
+    const auto found = config_.find(key);
+    return found == config_.end() ? nullptr : &*found;
+  }
+
   const std::string& file() const { return file_; }
 
  private:
@@ -62,9 +75,8 @@ class ConfigKeys {
 };
 
 void check_activation(const ConfigKeys& keys, const std::string& key, const std::string& function) {
-  FLEXMODEL_CHECK(function == "gelu" || function == "gelu_new" || function == "gelu_pytorch_tanh" ||
-                      function == "relu" || function == "silu" || function == "swish",
-                  ConfigError, keys.file(), ": '", key, "' = \"", function, "\" is not supported; supported: ",
+  FLEXMODEL_CHECK(parallel::ShardedActivationImpl::is_supported(function), ConfigError, keys.file(), ": '", key,
+                  "' = ", json(function).dump(), " is not supported; supported: ",
                   parallel::ShardedActivationImpl::supported());
 }
 
@@ -79,12 +91,29 @@ GPT2Config gpt2_config(const ConfigKeys& keys) {
                     .n_inner(keys.get<std::int64_t>("n_inner", 0))
                     .activation_function(keys.get("activation_function", defaults.activation_function()))
                     .layer_norm_epsilon(keys.get("layer_norm_epsilon", defaults.layer_norm_epsilon()))
-                    .tie_word_embeddings(keys.get("tie_word_embeddings", defaults.tie_word_embeddings()));
+                    .tie_word_embeddings(keys.get("tie_word_embeddings", defaults.tie_word_embeddings()))
+                    .embd_pdrop(keys.get("embd_pdrop", defaults.embd_pdrop()))
+                    .attn_pdrop(keys.get("attn_pdrop", defaults.attn_pdrop()))
+                    .resid_pdrop(keys.get("resid_pdrop", defaults.resid_pdrop()))
+                    .initializer_range(keys.get("initializer_range", defaults.initializer_range()));
   check_activation(keys, "activation_function", config.activation_function());
+  keys.refuse_unless("reorder_and_upcast_attn", false, "attention scores upcast to float32 per head");
   keys.refuse_unless("scale_attn_weights", true, "unscaled attention scores");
   keys.refuse_unless("scale_attn_by_inverse_layer_idx", false, "scores scaled by the layer index");
   keys.refuse_unless("add_cross_attention", false, "cross-attention needs an encoder");
   return config;
+}
+
+// rope_theta, or (as newer configs write it) rope_parameters' rope_theta; a
+// rope_type other than plain rotary embeddings is refused.
+double rope_theta(const ConfigKeys& keys) {
+  const json* parameters = keys.find("rope_parameters");
+  if (parameters == nullptr || parameters->is_null()) return keys.get("rope_theta", 10000.0);
+  FLEXMODEL_CHECK(parameters->is_object(), ConfigError, keys.file(), ": 'rope_parameters' holds ", parameters->dump(),
+                  ", not an object");
+  const ConfigKeys rope(*parameters, keys.file() + "'s rope_parameters");
+  rope.refuse_unless<std::string>("rope_type", "default", "only plain rotary embeddings with rope_theta");
+  return rope.get("rope_theta", keys.get("rope_theta", 10000.0));
 }
 
 // LLaMA's keys; Mistral and Qwen2 differ only in defaults and in a few keys.
@@ -97,20 +126,33 @@ LlamaConfig llama_config(const ConfigKeys& keys, const std::string& model_type) 
                     .intermediate_size(keys.get<std::int64_t>("intermediate_size", mistral ? 14336 : qwen2 ? 22016 : 11008))
                     .num_hidden_layers(keys.get<std::int64_t>("num_hidden_layers", 32))
                     .num_attention_heads(keys.get<std::int64_t>("num_attention_heads", 32))
-                    .num_key_value_heads(keys.get<std::int64_t>("num_key_value_heads", mistral ? 8 : qwen2 ? 32 : 0))
+                    // null: one per attention head, as left out in LLaMA's config.
+                    .num_key_value_heads(keys.is_null("num_key_value_heads")
+                                             ? 0
+                                             : keys.get<std::int64_t>("num_key_value_heads", mistral ? 8 : qwen2 ? 32 : 0))
                     .head_dim(keys.get<std::int64_t>("head_dim", 0))
                     .max_position_embeddings(keys.get<std::int64_t>(
                         "max_position_embeddings", mistral ? 131072 : qwen2 ? 32768 : 2048))
                     .hidden_act(keys.get<std::string>("hidden_act", "silu"))
                     .rms_norm_eps(keys.get("rms_norm_eps", 1e-6))
-                    .rope_theta(keys.get("rope_theta", 10000.0))
+                    .rope_theta(rope_theta(keys))
                     .tie_word_embeddings(keys.get("tie_word_embeddings", false))
                     .attention_bias(keys.get("attention_bias", false))
                     .qkv_bias(qwen2)
-                    .mlp_bias(keys.get("mlp_bias", false));
+                    .mlp_bias(keys.get("mlp_bias", false))
+                    .initializer_range(keys.get("initializer_range", 0.02));
   check_activation(keys, "hidden_act", config.hidden_act());
-  if (mistral) config.sliding_window(keys.get<std::int64_t>("sliding_window", 4096));
+  // Mistral's window: 4096 when left out, none when null (Mistral-7B v0.2 on).
+  if (mistral && !keys.is_null("sliding_window")) config.sliding_window(keys.get<std::int64_t>("sliding_window", 4096));
   if (qwen2) keys.refuse_unless("use_sliding_window", false, "Qwen2's per-layer sliding windows");
+  keys.refuse_unless<std::int64_t>("pretraining_tp", 1, "linear layers computed in pretraining_tp slices");
+  keys.refuse_unless("attention_dropout", 0.0, "dropout of the attention probabilities");
+  if (const json* types = keys.find("layer_types"); types != nullptr && types->is_array()) {
+    for (const auto& type : *types) {
+      FLEXMODEL_CHECK(type == "full_attention", ConfigError, keys.file(), ": 'layer_types' holds ", type.dump(),
+                      ", which is not supported (only full_attention layers)");
+    }
+  }
   return config;
 }
 
@@ -188,12 +230,10 @@ bool recomputed_buffer(const std::string& name) {
 }
 
 // Reads this rank's share of `key` into `parameter`, as its module declares it split.
-void load_share(const io::SafetensorsCheckpoint& checkpoint, const std::string& directory, const std::string& key,
-                const std::string& name, torch::Tensor& parameter, const dist::Sharding& sharding,
+void load_share(const io::SafetensorsCheckpoint& checkpoint, const std::string& key, torch::Tensor& parameter, const dist::Sharding& sharding,
                 const dist::Mesh* mesh) {
+  // load_model checked that every tensor is there, of the whole model's shape.
   const auto* entry = checkpoint.find(key);
-  FLEXMODEL_CHECK(entry != nullptr, ConfigError, "'", directory, "' has no tensor '", key, "' for parameter '", name,
-                  "'");
   const auto& file = checkpoint.file_of(key).path();
   const std::vector<std::int64_t> stored = entry->shape;
   const auto fail = [&](const std::string& why) {
@@ -232,7 +272,8 @@ void load_share(const io::SafetensorsCheckpoint& checkpoint, const std::string& 
     return;
   }
   if (full % (blocks * tp) != 0 || full / tp != parameter.size(dim)) {
-    fail(detail::concat("not ", blocks, " blocks the model's ", parameter.sizes(), " on each of tp ", tp, " holds"));
+    fail(detail::concat("which does not split into ", blocks, " blocks of ", parameter.size(dim), " rows on each of tp ",
+                        tp));
   }
   const std::int64_t block = full / blocks, piece = block / tp;
   for (std::int64_t b = 0; b < blocks; ++b) read(parameter.narrow(dim, b * piece, piece), dim, b * block + rank * piece, piece);
@@ -251,7 +292,17 @@ void for_each_parameter(torch::nn::Module& model, Visit&& visit) {
   }
 }
 
-torch::Dtype stored_dtype(const io::SafetensorsCheckpoint& checkpoint) {
+// Each tied parameter made the very tensor of the one it is tied to, where
+// this rank holds both (after Module::to, which converts them one by one).
+void tie(models::CausalLMImpl& model) {
+  auto parameters = model.named_parameters();
+  for (auto& item : parameters) {
+    const std::string tied = model.tied_to(item.key());
+    if (!tied.empty() && parameters.contains(tied)) item.value().set_(parameters[tied]);
+  }
+}
+
+torch::Dtype dtype_stored(const io::SafetensorsCheckpoint& checkpoint) {
   for (const auto& name : checkpoint.names()) {
     const auto type = checkpoint.find(name)->scalar_type;
     if (c10::isFloatingType(type)) return type;
@@ -329,6 +380,24 @@ ModelConfig read_config(const std::string& directory) {
 
 std::vector<std::string> validate_for_mesh(const ModelConfig& config, const dist::MeshShape& shape) {
   std::vector<std::string> violations;
+  for (const auto& [size, what] : {std::pair{shape.tp, "tp"}, std::pair{shape.pp, "pp"}, std::pair{shape.dp, "dp"}}) {
+    if (size < 1) violations.push_back(detail::concat(what, " ", size, " is not a rank count; choose at least 1"));
+  }
+  // Sizes a config built in code may leave at zero, which nothing below may divide by.
+  const auto positive = [&](std::int64_t size, const char* what) {
+    if (size < 1) violations.push_back(detail::concat(what, " ", size, " must be positive"));
+    return size >= 1;
+  };
+  if (const auto* gpt2 = std::get_if<GPT2Config>(&config)) {
+    if (!positive(gpt2->n_head(), "n_head") || !positive(gpt2->n_layer(), "n_layer")) return violations;
+  } else {
+    const auto& llama = std::get<LlamaConfig>(config);
+    if (!positive(llama.num_attention_heads(), "num_attention_heads") ||
+        !positive(llama.kv_heads(), "num_key_value_heads") || !positive(llama.num_hidden_layers(), "num_hidden_layers")) {
+      return violations;
+    }
+  }
+  if (!violations.empty()) return violations;
   auto divides = [&](std::int64_t count, const std::string& what) {
     if (count % shape.tp != 0) {
       violations.push_back(detail::concat("tp ", shape.tp, " does not divide ", what, " (", count,
@@ -366,33 +435,44 @@ std::vector<std::string> validate_for_mesh(const ModelConfig& config, const dist
 }
 
 std::shared_ptr<models::CausalLMImpl> create_new_model(const ModelConfig& config, const LoadOptions& options) {
-  const auto violations = validate_for_mesh(config, options.mesh() ? options.mesh()->shape() : dist::MeshShape{});
-  FLEXMODEL_CHECK(violations.empty(), ConfigError, family_of(config), " on this mesh: ", joined(violations, "; "));
-  auto model = build(config, options.mesh());
+  auto model = build_model(config, options);
   torch::NoGradGuard no_grad;
   const std::int64_t rank = options.mesh() ? options.mesh()->tp_rank() : 0;
-  // Seeded by name (and shard), so that ranks holding the same weight draw the same values.
+  const auto* gpt2 = std::get_if<GPT2Config>(&config);
+  const double range = gpt2 != nullptr ? gpt2->initializer_range() : std::get<LlamaConfig>(config).initializer_range();
+  auto ends_with = [](const std::string& name, const std::string& suffix) {
+    return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  // Seeded by name (and shard), so that ranks holding the same weight draw the
+  // same values; a tied weight by its partner's, so that the stage holding only
+  // the head (pipeline parallelism) draws the embedding's values.
   for_each_parameter(*model, [&](const std::string& name, torch::Tensor& parameter, const dist::Sharding& sharding) {
-    const bool bias = name.size() >= 4 && name.compare(name.size() - 4, 4, "bias") == 0;
-    if (bias) {
+    const std::string tied = model->tied_to(name);
+    const std::string seed = tied.empty() ? name : tied;
+    if (ends_with(name, "bias")) {
       parameter.zero_();
     } else if (parameter.dim() == 1) {
       parameter.fill_(1.0);
     } else {
-      auto generator = at::detail::createCPUGenerator(detail::fnv1a(detail::concat(name, "/", sharding.is_split() ? rank : 0)));
-      parameter.normal_(0.0, 0.02, generator);
+      // Hugging Face's GPT-2 scales its residual projections' std by 1/√(2 · n_layer).
+      const bool residual = gpt2 != nullptr && ends_with(name, "c_proj.weight");
+      const double std = residual ? range / std::sqrt(2.0 * static_cast<double>(gpt2->n_layer())) : range;
+      auto generator = at::detail::createCPUGenerator(detail::fnv1a(detail::concat(seed, "/", sharding.is_split() ? rank : 0)));
+      parameter.normal_(0.0, std, generator);
     }
   });
-  for (const auto& item : model->named_parameters()) {
-    const std::string tied = model->tied_to(item.key());
-    if (tied.empty()) continue;
-    for (auto& other : model->named_parameters()) {
-      if (other.key() == tied) item.value().set_(other.value());
-    }
-  }
   model->to(options.device(), options.dtype().value_or(torch::kFloat32));
+  tie(*model);
   return model;
 }
+
+std::shared_ptr<models::CausalLMImpl> build_model(const ModelConfig& config, const LoadOptions& options) {
+  const auto violations = validate_for_mesh(config, options.mesh() ? options.mesh()->shape() : dist::MeshShape{});
+  FLEXMODEL_CHECK(violations.empty(), ConfigError, family_of(config), " on this mesh: ", joined(violations, "; "));
+  return build(config, options.mesh());
+}
+
+torch::Dtype stored_dtype(const std::string& directory) { return dtype_stored(io::SafetensorsCheckpoint(directory)); }
 
 std::shared_ptr<models::CausalLMImpl> load_model(const std::string& directory, const LoadOptions& options,
                                                  LoadReport* report) {
@@ -401,7 +481,7 @@ std::shared_ptr<models::CausalLMImpl> load_model(const std::string& directory, c
   FLEXMODEL_CHECK(violations.empty(), ConfigError, "'", directory, "' on this mesh: ", joined(violations, "; "));
   const io::SafetensorsCheckpoint checkpoint(directory);
   auto model = build(config, options.mesh());
-  const auto dtype = options.dtype().value_or(stored_dtype(checkpoint));
+  const auto dtype = options.dtype().value_or(dtype_stored(checkpoint));
   // Every parameter is overwritten from the files below: new memory of the
   // dtype, rather than a conversion of the float32 it was built in (a second
   // pass over the model's size). Buffers are converted as usual.
@@ -409,37 +489,39 @@ std::shared_ptr<models::CausalLMImpl> load_model(const std::string& directory, c
   model->to(dtype);
 
   // Every tensor of the files is a parameter of the model (on some stage), or a buffer it recomputes.
-  std::set<std::string> expected;
-  for (const auto& name : model->checkpoint_names()) expected.insert(stored_name(checkpoint, name));
+  std::map<std::string, std::vector<std::int64_t>> expected;  // stored name → the whole model's shape
+  for (const auto& item : model->whole_model()->named_parameters()) {
+    if (model->tied_to(item.key()).empty()) expected[stored_name(checkpoint, item.key())] = item.value().sizes().vec();
+  }
   for (const auto& name : checkpoint.names()) {
     FLEXMODEL_CHECK(expected.count(name) != 0 || recomputed_buffer(name) || !model->tied_to(name).empty(),
                     ConfigError, "'", checkpoint.file_of(name).path(), "' holds '", name, "', which ", model->name(),
                     " of this config.json has no parameter for: the checkpoint is of another architecture or config");
   }
-  // Every rank checks the whole model, so that a tensor missing from another
-  // stage's share stops all ranks alike.
+  // Every rank checks the whole model, so that a tensor missing or misshapen
+  // in another stage's share stops all ranks alike, none left waiting.
   std::uint64_t taken = 0;
-  for (const auto& name : expected) {
+  for (const auto& [name, shape] : expected) {
     const auto* entry = checkpoint.find(name);
-    FLEXMODEL_CHECK(entry != nullptr, ConfigError, "'", directory, "' has no tensor '", name, "', which ",
+    FLEXMODEL_CHECK(entry != nullptr, ConfigError, "'", directory, "' has no tensor '", name, "' in any file, which ",
                     model->name(), " of this config.json needs");
+    FLEXMODEL_CHECK(entry->shape == shape, ConfigError, "'", checkpoint.file_of(name).path(), "': tensor '", name,
+                    "' has shape ", c10::IntArrayRef(entry->shape), ", the model needs ", c10::IntArrayRef(shape));
     taken += entry->end - entry->begin;
   }
   torch::NoGradGuard no_grad;
   std::map<std::string, torch::Tensor> loaded;
   for_each_parameter(*model, [&](const std::string& name, torch::Tensor& parameter, const dist::Sharding& sharding) {
     const std::string tied = model->tied_to(name);
-    if (!tied.empty() && loaded.count(tied) != 0) {
-      parameter.set_(loaded.at(tied));  // one tensor, as Hugging Face ties them
-      return;
-    }
-    load_share(checkpoint, directory, stored_name(checkpoint, tied.empty() ? name : tied), name, parameter, sharding,
+    if (!tied.empty() && loaded.count(tied) != 0) return;  // tie() makes it its partner, as Hugging Face ties them
+    load_share(checkpoint, stored_name(checkpoint, tied.empty() ? name : tied), parameter, sharding,
                options.mesh().get());
     loaded[name] = parameter;
   });
   model->to(options.device());
+  tie(*model);
   model->eval();
-  if (report != nullptr) *report = {checkpoint.bytes_read(), taken, stored_dtype(checkpoint)};
+  if (report != nullptr) *report = {checkpoint.bytes_read(), taken, dtype_stored(checkpoint)};
   logger()->info("loaded {} from '{}' ({} of its {} bytes of weights read here)", model->name(), directory,
                  checkpoint.bytes_read(), taken);
   return model;

@@ -95,7 +95,8 @@ std::tuple<torch::Tensor, torch::Tensor> LlamaAttentionImpl::forward(const torch
   const auto group = heads_ / kv_heads_;
   const auto k = repeat_kv(apply_rotary(split_heads(k_proj(x), kv_heads_), cos, sin), group);
   const auto v = repeat_kv(split_heads(v_proj(x), kv_heads_), group);
-  auto probs = detail::causal_probabilities(q, k, 1.0 / std::sqrt(static_cast<double>(head_dim_)), window_);
+  const auto scores = torch::matmul(q, k.transpose(2, 3)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  auto probs = detail::causal_probabilities(scores, /*float32_softmax=*/true, window_);
   return {o_proj(detail::merge_heads(torch::matmul(probs, v))), probs};
 }
 

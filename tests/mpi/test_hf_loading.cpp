@@ -94,6 +94,35 @@ TEST_P(HfOnMeshTest, EachRankReadsAndHoldsOnlyItsShareOfTheCheckpoint) {
   EXPECT_GE(total, static_cast<std::int64_t>(report.bytes_stored) * g_shape.dp);
 }
 
+// A new tied model holds the same head on the last stage as the embedding on
+// the first: each tp rank's shard of lm_head equals that rank's shard of
+// embed_tokens, wherever the two live.
+TEST(HfNewModelOnMesh, ATiedHeadIsItsEmbeddingOnEveryStage) {
+  torch::NoGradGuard no_grad;
+  const auto mesh = dist::Mesh::create(g_shape);
+  const auto config = models::LlamaConfig().vocab_size(50).hidden_size(16).intermediate_size(32).num_hidden_layers(2)
+                          .num_attention_heads(4).num_key_value_heads(2).tie_word_embeddings(true);
+  const auto model = hub::create_new_model(config, hub::LoadOptions().mesh(mesh));
+  const auto parameters = model->named_parameters();
+  // A weight's fingerprint, or -1 where this rank does not hold it.
+  auto fingerprint = [&](const std::string& name) -> std::int64_t {
+    if (!parameters.contains(name)) return -1;
+    return static_cast<std::int64_t>((parameters[name].abs().sum().item<double>()) * 1e6);
+  };
+  const auto tp_ranks = mesh->world().all_gather_ints(mesh->tp_rank());
+  const auto embeddings = mesh->world().all_gather_ints(fingerprint("model.embed_tokens.weight"));
+  const auto heads = mesh->world().all_gather_ints(fingerprint("lm_head.weight"));
+  std::size_t compared = 0;
+  for (std::size_t a = 0; a < heads.size(); ++a) {
+    for (std::size_t b = 0; b < embeddings.size(); ++b) {
+      if (heads[a] < 0 || embeddings[b] < 0 || tp_ranks[a] != tp_ranks[b]) continue;
+      EXPECT_EQ(heads[a], embeddings[b]) << "rank " << a << "'s lm_head against rank " << b << "'s embed_tokens";
+      ++compared;
+    }
+  }
+  EXPECT_GT(compared, 0u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfOnMeshTest,
                          ::testing::Values("gpt2", "gpt2_sharded", "llama", "llama_bf16", "mistral", "qwen2"));
 

@@ -31,6 +31,12 @@ struct GPT2Config {
   TORCH_ARG(std::string, activation_function) = "gelu_new";
   TORCH_ARG(double, layer_norm_epsilon) = 1e-5;
   TORCH_ARG(bool, tie_word_embeddings) = true;
+  // Dropout probabilities, in train mode only (load_model returns eval mode).
+  TORCH_ARG(double, embd_pdrop) = 0.1;
+  TORCH_ARG(double, attn_pdrop) = 0.1;
+  TORCH_ARG(double, resid_pdrop) = 0.1;
+  // The std of create_new_model's weights (c_proj's scaled by 1/√(2 · n_layer)).
+  TORCH_ARG(double, initializer_range) = 0.02;
 
  public:
   // TORCH_ARG leaves the struct private.

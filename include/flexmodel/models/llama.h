@@ -44,6 +44,8 @@ struct LlamaConfig {
   // Biases of q_proj, k_proj and v_proj only (Qwen2's).
   TORCH_ARG(bool, qkv_bias) = false;
   TORCH_ARG(bool, mlp_bias) = false;
+  // The std of create_new_model's weights.
+  TORCH_ARG(double, initializer_range) = 0.02;
   // Keys a query sees, itself included (Mistral's sliding_window); 0: all before it.
   TORCH_ARG(std::int64_t, sliding_window) = 0;
 
