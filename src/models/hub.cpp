@@ -481,7 +481,8 @@ std::shared_ptr<models::CausalLMImpl> load_model(const std::string& directory, c
   FLEXMODEL_CHECK(violations.empty(), ConfigError, "'", directory, "' on this mesh: ", joined(violations, "; "));
   const io::SafetensorsCheckpoint checkpoint(directory);
   auto model = build(config, options.mesh());
-  const auto dtype = options.dtype().value_or(dtype_stored(checkpoint));
+  const auto stored = dtype_stored(checkpoint);
+  const auto dtype = options.dtype().value_or(stored);
   // Every parameter is overwritten from the files below: new memory of the
   // dtype, rather than a conversion of the float32 it was built in (a second
   // pass over the model's size). Buffers are converted as usual.
@@ -521,7 +522,7 @@ std::shared_ptr<models::CausalLMImpl> load_model(const std::string& directory, c
   model->to(options.device());
   tie(*model);
   model->eval();
-  if (report != nullptr) *report = {checkpoint.bytes_read(), taken, dtype_stored(checkpoint)};
+  if (report != nullptr) *report = {checkpoint.bytes_read(), taken, stored};
   logger()->info("loaded {} from '{}' ({} of its {} bytes of weights read here)", model->name(), directory,
                  checkpoint.bytes_read(), taken);
   return model;
